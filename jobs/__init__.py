@@ -1,0 +1,1 @@
+"""Click entry points: parse flags, build a config, call one library function."""

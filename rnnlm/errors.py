@@ -1,0 +1,13 @@
+"""Errors a user can fix. The CLI prints them as one line and exits non-zero."""
+
+
+class UserError(Exception):
+    """A mistake in the job's input: a flag, a file, a corpus. Its message says how to fix it."""
+
+
+class FlagError(UserError):
+    """A bad value for one command-line flag; the message names the flag."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        self.flag = flag
+        super().__init__(f"{flag}: {message}")

@@ -1,0 +1,91 @@
+"""Every user mistake: one line naming the flag and the fix, exit 2, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_job
+
+
+def assert_refused(proc, *needles: str, out: Path) -> None:
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()  # nothing half-written
+
+
+CASES = {
+    "zero-batch": (["--batch-size", "0"], ["--batch-size", "greater than 0"]),
+    "negative-steps": (["--num-steps", "-5"], ["--num-steps", "greater than 0"]),
+    "zero-hiddens": (["--num-hiddens", "0"], ["--num-hiddens"]),
+    "zero-lr": (["--lr", "0"], ["--lr", "must be > 0"]),
+    "negative-lr": (["--lr", "-1"], ["--lr"]),
+    "zero-epochs": (["--epochs", "0"], ["--epochs", "greater than 0"]),
+    "zero-clip": (["--clip", "0"], ["--clip"]),
+    "bad-max-tokens": (["--max-tokens", "0"], ["--max-tokens", "-1 for all"]),
+    "unknown-cell": (["--cell", "transformer"], ["--cell", "rnn"]),
+    "bidirectional": (["--bidirectional"], ["--bidirectional", "left-to-right"]),
+    "dropout-one-layer": (["--dropout", "0.2"], ["--dropout", "--num-layers 2"]),
+    "short-corpus": (["--max-tokens", "500"], ["--max-tokens", "500 tokens", "at least 1156"]),
+    "bad-sha1": (["--corpus-sha1", "0" * 40], ["--corpus-sha1", "expected " + "0" * 40]),
+    "bad-device": (["--device", "tpu"], ["--device"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_flag(case: str, corpus_path: Path, tmp_path: Path) -> None:
+    args, needles = CASES[case]
+    out = tmp_path / "out"
+    proc = run_job(["--corpus", str(corpus_path), "--output-dir", str(out), "--epochs", "1", *args])
+    assert proc.returncode == 2
+    assert_refused(proc, *needles, out=out)
+
+
+def test_missing_corpus_file(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_job(["--corpus", str(tmp_path / "nope.txt"), "--output-dir", str(out)])
+    assert_refused(proc, "--corpus", "no such file", out=out)
+
+
+def test_empty_corpus(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("1234\n")
+    out = tmp_path / "out"
+    proc = run_job(["--corpus", str(tmp_path / "empty.txt"), "--output-dir", str(out)])
+    assert_refused(proc, "--corpus", "no tokens", "--preprocess raw", out=out)
+
+
+def test_output_dir_under_a_file(corpus_path: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = blocker / "model"
+    proc = run_job(["--corpus", str(corpus_path), "--output-dir", str(out), "--epochs", "1"])
+    assert_refused(proc, "--output-dir", "not a directory", out=out)
+
+
+def test_batch_not_divisible_by_ranks(corpus_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_job(
+        ["--corpus", str(corpus_path), "--output-dir", str(out), "--batch-size", "33"], nproc=2
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
+    assert errors == [
+        "Error: --batch-size: the global batch 33 does not split evenly over 2 processes; "
+        "pass a multiple of 2 (e.g. 32)."
+    ]
+    assert not out.exists()
+
+
+def test_short_corpus_across_ranks(corpus_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_job(
+        ["--corpus", str(corpus_path), "--output-dir", str(out), "--max-tokens", "1000"], nproc=2
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "over 2 processes" in errors[0] and "1000 tokens" in errors[0]
+    assert not out.exists()

@@ -1,0 +1,95 @@
+"""Corpus: d2l preprocessing, the verified download cache, and clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rnnlm import corpus
+from rnnlm.errors import UserError
+from tests.conftest import CORPUS_SHA1, free_port
+
+
+def test_d2l_preprocessing_matches_the_chapter(corpus_path: Path) -> None:
+    tokens = corpus.load_tokens(corpus_path, "d2l")
+    assert len(tokens) == 170_580
+    assert "".join(tokens[:30]) == "the time machine by h g wellsi"  # lines joined, no separator
+    assert set(tokens) <= set("abcdefghijklmnopqrstuvwxyz ")
+
+
+def test_raw_mode_keeps_every_character() -> None:
+    text = "Hello, World!\nSecond line."
+    assert "".join(corpus.tokenize(text, "raw")) == text
+    assert "".join(corpus.tokenize(text, "d2l")) == "hello worldsecond line"
+
+
+def test_empty_corpus_is_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "digits.txt"
+    empty.write_text("123 456\n!!!\n")
+    with pytest.raises(UserError, match=r"--corpus: .* no tokens after d2l .*--preprocess raw"):
+        corpus.load_tokens(empty, "d2l")
+
+
+def test_local_file_and_its_checksum(corpus_path: Path, tmp_path: Path) -> None:
+    assert corpus.fetch(str(corpus_path), CORPUS_SHA1, tmp_path) == corpus_path
+    with pytest.raises(UserError, match=r"--corpus-sha1: .* expected 0{40}"):
+        corpus.fetch(str(corpus_path), "0" * 40, tmp_path)
+    with pytest.raises(UserError, match=r"--corpus: no such file"):
+        corpus.fetch(str(tmp_path / "missing.txt"), None, tmp_path)
+
+
+@pytest.fixture
+def http_server(corpus_path: Path) -> Iterator[tuple[str, list[str]]]:
+    """A real HTTP server on loopback serving the corpus; records the paths it served."""
+    served: list[str] = []
+    body = corpus_path.read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            served.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/timemachine.txt", served
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_is_cached_and_reverified(http_server, tmp_path: Path) -> None:
+    url, served = http_server
+    path = corpus.fetch(url, CORPUS_SHA1, tmp_path)
+    assert corpus.sha1_of(path) == CORPUS_SHA1
+    assert corpus.fetch(url, CORPUS_SHA1, tmp_path) == path
+    assert len(served) == 1  # the second call used the cache
+    path.write_text("tampered")  # a cached file that fails its check is downloaded again
+    assert corpus.sha1_of(corpus.fetch(url, CORPUS_SHA1, tmp_path)) == CORPUS_SHA1
+    assert len(served) == 2
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left
+
+
+def test_checksum_mismatch_caches_nothing(http_server, tmp_path: Path) -> None:
+    url, _ = http_server
+    wrong = hashlib.sha1(b"something else").hexdigest()
+    with pytest.raises(UserError, match=r"--corpus-sha1: .* nothing was cached"):
+        corpus.fetch(url, wrong, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreachable_url_says_how_to_pass_a_local_file(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}/timemachine.txt"  # nothing listens there
+    with pytest.raises(UserError, match=r"cannot download .* --corpus /path/to/timemachine.txt"):
+        corpus.fetch(url, None, tmp_path, timeout=2, retries=1)
+    assert list(tmp_path.iterdir()) == []

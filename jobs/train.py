@@ -27,6 +27,7 @@ from jobs.common import setup_logging, user_errors
 from rnnlm import pipeline
 from rnnlm.config import CELLS, TrainConfig
 from rnnlm.distributed import process_group, read_env
+from rnnlm.tracking import TrackingSettings, make_tracker
 
 D = TrainConfig()  # the defaults shown in --help
 
@@ -92,6 +93,13 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     help="Train on the first N tokens; -1 for the whole corpus.",
 )
 @click.option(
+    "--val-tokens",
+    type=int,
+    default=D.val_tokens,
+    help="Held-out tokens right after the training slice (its tail with --max-tokens -1) "
+    "for validation perplexity; 0: none.",
+)
+@click.option(
     "--batch-size",
     type=int,
     default=D.batch_size,
@@ -155,6 +163,36 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     default=D.log_every,
     help="Log a line every N epochs (when no progress bar is shown).",
 )
+@click.option(
+    "--tracking/--no-tracking",
+    default=D.tracking,
+    help="Record the run in MLflow and register the final model.",
+)
+@click.option(
+    "--tracking-uri",
+    default=None,
+    envvar="MLFLOW_TRACKING_URI",
+    help="MLflow server URL or store URI [default: MLflow's local sqlite store].",
+)
+@click.option(
+    "--experiment",
+    default=D.experiment,
+    envvar="MLFLOW_EXPERIMENT_NAME",
+    help="MLflow experiment name.",
+)
+@click.option("--run-name", default=None, help="MLflow run name [default: generated].")
+@click.option(
+    "--registered-model-name",
+    default=D.registered_model_name,
+    help="Model Registry name for the final model.",
+)
+@click.option("--alias", default=D.alias, help="Registry alias set on the new version.")
+@click.option(
+    "--tracking-timeout",
+    type=float,
+    default=D.tracking_timeout,
+    help="Seconds to wait at the end for an unreachable tracking server.",
+)
 def train(**flags: Any) -> None:
     """Train the chapter's RNN language model; under torchrun, one DDP process per rank."""
     flags["sample_prefixes"] = tuple(flags["sample_prefixes"])
@@ -168,7 +206,26 @@ def train(**flags: Any) -> None:
 def run(config: TrainConfig) -> pipeline.TrainResult:
     with process_group(config.device, config.dist_timeout) as info:
         setup_logging(info.rank, info.is_main)
-        return pipeline.train(config, info)
+        data = pipeline.prepare(config, info)
+        tracker = make_tracker(config.tracking, info.is_main, tracking_settings(config))
+        ok = False
+        try:
+            result = pipeline.train(config, info, data, tracker)
+            ok = True
+            return result
+        finally:
+            tracker.close(ok)
+
+
+def tracking_settings(config: TrainConfig) -> TrackingSettings:
+    return TrackingSettings(
+        uri=config.tracking_uri,
+        experiment=config.experiment,
+        run_name=config.run_name,
+        registered_model_name=config.registered_model_name,
+        alias=config.alias,
+        flush_timeout=config.tracking_timeout,
+    )
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ def check_corpus_length(num_tokens: int, batch_size: int, num_steps: int, world_
         )
 
 
-def _rows(rank: int, world_size: int, batch_size: int) -> slice:
+def rows_of_rank(rank: int, world_size: int, batch_size: int) -> slice:
     per_rank = batch_size // world_size
     return slice(rank * per_rank, (rank + 1) * per_rank)
 
@@ -64,7 +64,7 @@ def sequential_batches(
     num_tokens = ((len(corpus) - offset - 1) // batch_size) * batch_size
     xs = corpus[offset : offset + num_tokens].reshape(batch_size, -1)
     ys = corpus[offset + 1 : offset + 1 + num_tokens].reshape(batch_size, -1)
-    rows = _rows(rank, world_size, batch_size)
+    rows = rows_of_rank(rank, world_size, batch_size)
     xs, ys = xs[rows], ys[rows]
     num_batches = xs.shape[1] // num_steps
     return [
@@ -87,7 +87,7 @@ def random_batches(
     starts = list(range(0, num_subseqs * num_steps, num_steps))
     rng.shuffle(starts)
     num_batches = num_subseqs // batch_size
-    rows = _rows(rank, world_size, batch_size)
+    rows = rows_of_rank(rank, world_size, batch_size)
     batches = []
     for i in range(num_batches):
         mine = torch.tensor(starts[i * batch_size : (i + 1) * batch_size][rows])

@@ -51,6 +51,7 @@ class TrainConfig:
     preprocess: str = "d2l"
     min_freq: int = 0
     max_tokens: int = 10_000  # -1: the whole corpus
+    val_tokens: int = 2_000  # held out right after the training slice (its tail if -1)
     # Minibatches: batch_size is GLOBAL, split evenly across ranks.
     batch_size: int = 32
     num_steps: int = 35
@@ -75,6 +76,14 @@ class TrainConfig:
     sample_prefixes: tuple[str, ...] = ("time traveller", "traveller")
     num_sample_chars: int = 50
     log_every: int = 10
+    # Tracking and registry (main rank only).
+    tracking: bool = True
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else MLflow's local default
+    experiment: str = "rnnlm"
+    run_name: str | None = None
+    registered_model_name: str = "rnnlm-timemachine"
+    alias: str = "candidate"
+    tracking_timeout: float = 300.0  # seconds to wait at the end for an unreachable server
 
     def resolved_sha1(self) -> str | None:
         """The checksum to enforce: the flag, else the known one for the default URL."""
@@ -128,6 +137,10 @@ class TrainConfig:
             raise FlagError(
                 "--max-tokens", f"got {self.max_tokens}; pass a positive count or -1 for all."
             )
+        if self.val_tokens < 0:
+            raise FlagError("--val-tokens", f"got {self.val_tokens}; pass 0 (none) or more.")
+        if self.tracking_timeout < 0:
+            raise FlagError("--tracking-timeout", f"got {self.tracking_timeout}; pass 0 or more.")
         if self.cell not in CELLS:
             raise FlagError("--cell", f"unknown cell {self.cell!r}; choose one of {CELLS}.")
         if self.sampling not in ("sequential", "random"):

@@ -130,3 +130,13 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.is_distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather_float(value: float, info: DistInfo) -> list[float]:
+    """Every rank's ``value``, in rank order (a one-element list on one process)."""
+    if not info.is_distributed:
+        return [value]
+    mine = torch.tensor([value], dtype=torch.float64, device=info.device)
+    gathered = [torch.zeros_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(gathered, mine)
+    return [t.item() for t in gathered]

@@ -20,12 +20,13 @@ from torch.nn.parallel import DistributedDataParallel
 from rnnlm import artifacts, corpus
 from rnnlm.batching import check_corpus_length, epoch_batches
 from rnnlm.config import TrainConfig
-from rnnlm.distributed import DistInfo
+from rnnlm.distributed import DistInfo, all_gather_float
 from rnnlm.errors import FlagError
+from rnnlm.evaluate import evaluate, validation_batches
 from rnnlm.generate import generate
 from rnnlm.loop import EpochStats, train_epoch
 from rnnlm.model import RNNLM
-from rnnlm.tracking import NullTracker, Tracker
+from rnnlm.tracking import NullTracker, Tracker, standard_tags
 from rnnlm.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 class Dataset:
     vocab: Vocab
     train_ids: Tensor  # (N,) token ids of the training slice
+    val_ids: Tensor  # held-out ids right after it (empty: no validation)
     path: Path
     sha1: str
 
@@ -44,6 +46,7 @@ class TrainResult:
     module: RNNLM
     vocab: Vocab
     history: list[EpochStats] = field(default_factory=list)
+    val_history: list[float] = field(default_factory=list)  # validation perplexity per epoch
     samples: list[tuple[int, str, str]] = field(default_factory=list)  # (epoch, prefix, text)
     model_dir: Path | None = None
 
@@ -58,10 +61,17 @@ def load_dataset(config: TrainConfig) -> Dataset:
     path = corpus.fetch(config.corpus, config.resolved_sha1(), cache_dir)
     tokens = corpus.load_tokens(path, config.preprocess)
     vocab = Vocab.build(tokens, min_freq=config.min_freq)
-    ids = vocab.encode(tokens)
-    if config.max_tokens > 0:
-        ids = ids[: config.max_tokens]
-    return Dataset(vocab, torch.tensor(ids, dtype=torch.long), path, corpus.sha1_of(path))
+    ids = torch.tensor(vocab.encode(tokens), dtype=torch.long)
+    train_end = config.max_tokens if config.max_tokens > 0 else len(ids) - config.val_tokens
+    train_ids, val_ids = ids[:train_end], ids[train_end : train_end + config.val_tokens]
+    if config.val_tokens and len(val_ids) < config.batch_size + 1:
+        raise FlagError(
+            "--val-tokens",
+            f"only {len(val_ids)} tokens follow the training slice, too few for one validation "
+            f"token per row of the batch ({config.batch_size}); pass --val-tokens 0 or use less "
+            "--max-tokens.",
+        )
+    return Dataset(vocab, train_ids, val_ids, path, corpus.sha1_of(path))
 
 
 def check_output_dir(path: Path) -> None:
@@ -127,21 +137,42 @@ class Progress:
             self.bar.close()
 
 
-def train(config: TrainConfig, info: DistInfo, tracker: Tracker | None = None) -> TrainResult:
+def prepare(config: TrainConfig, info: DistInfo) -> Dataset:
+    """Check every input and load the data: all a user can get wrong fails here, before any
+    tracking run is created or any training step taken."""
+    config.validate(info.world_size)
+    if info.is_main:
+        check_output_dir(Path(config.output_dir))
+    data = load_dataset(config)
+    check_corpus_length(len(data.train_ids), config.batch_size, config.num_steps, info.world_size)
+    return data
+
+
+def train(
+    config: TrainConfig, info: DistInfo, data: Dataset, tracker: Tracker | None = None
+) -> TrainResult:
     """Train as ``config`` says on this rank's share of every minibatch; return the result.
 
     Every rank runs this; only the main rank samples, reports and writes the model.
     """
-    config.validate(info.world_size)
     tracker = tracker or NullTracker()
     output_dir = Path(config.output_dir)
-    if info.is_main:
-        check_output_dir(output_dir)
-    data = load_dataset(config)
-    check_corpus_length(len(data.train_ids), config.batch_size, config.num_steps, info.world_size)
     module, model = build_model(config, len(data.vocab), info)
     optimizer = torch.optim.SGD(module.parameters(), lr=config.lr)
     rng = random.Random(config.seed)  # shared: every rank draws the same offsets and shuffles
+    val_batches = (
+        validation_batches(
+            data.val_ids, config.batch_size, config.num_steps, info.rank, info.world_size
+        )
+        if len(data.val_ids)
+        else []
+    )
+    tracker.log_config(
+        config.to_dict(),
+        standard_tags(info.world_size, info.backend, str(info.device), config.corpus, data.sha1),
+    )
+    tracker.log_dataset(config.corpus, data.sha1, len(data.train_ids))
+    tracker.log_artifact_text(data.vocab.to_json(), "vocab.json")
     result = TrainResult(module=module, vocab=data.vocab)
     progress = Progress(config.epochs, config.log_every, enabled=info.is_main)
 
@@ -174,7 +205,14 @@ def train(config: TrainConfig, info: DistInfo, tracker: Tracker | None = None) -
                 epoch=epoch,
             )
             result.history.append(stats)
-            tracker.log_epoch(stats)
+            extra = {
+                f"rank{r}_tokens_per_s": v
+                for r, v in enumerate(all_gather_float(stats.rank_tokens_per_s, info))
+            }
+            if val_batches:
+                result.val_history.append(evaluate(module, val_batches, info))
+                extra["val_perplexity"] = result.val_history[-1]
+            tracker.log_epoch(stats, extra)
             progress.update(stats)
             if info.is_main and epoch % config.sample_every == 0 and epoch != config.epochs:
                 sample(epoch, config.sample_prefixes[:1])
@@ -191,6 +229,8 @@ def train(config: TrainConfig, info: DistInfo, tracker: Tracker | None = None) -
             info.device,
         )
         summary = {"train_perplexity": final.perplexity}
+        if result.val_history:
+            summary["val_perplexity"] = result.val_history[-1]
         result.model_dir = artifacts.write_model_dir(
             output_dir,
             module,
@@ -201,6 +241,8 @@ def train(config: TrainConfig, info: DistInfo, tracker: Tracker | None = None) -
                 "corpus_sha1": data.sha1,
                 "world_size": info.world_size,
                 "perplexity_by_epoch": [s.perplexity for s in result.history],
+                "val_perplexity_by_epoch": result.val_history,
+                "mlflow_run_id": tracker.run_id,
             },
         )
         tracker.log_model(result.model_dir, summary)

@@ -1,32 +1,70 @@
-"""Where a job reports what happened. Chosen once per process: the main rank gets a real
-tracker, every other rank a do-nothing one, so call sites stay unconditional."""
+"""Where a job reports what happened: MLflow on the main rank, nothing elsewhere.
+
+The tracker is chosen once per process (:func:`make_tracker`): the main rank gets an
+:class:`MlflowTracker`, every other rank a :class:`NullTracker`, so call sites stay
+unconditional and no rank-0-only code ever calls a collective.
+
+Tracking must neither slow nor kill training. Everything after the start-up check is handed to
+one background thread that sends records in order and, while the server is unreachable, keeps
+them and retries: a failure mid-run is a logged warning, and once the server is back the
+remaining epochs and the model still arrive. At the end the job waits at most
+``--tracking-timeout`` seconds for what is still queued; the model is saved locally regardless.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
+import os
+import queue
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import requests
+
+from rnnlm import __version__
+from rnnlm.errors import UserError
 from rnnlm.loop import EpochStats
+
+log = logging.getLogger(__name__)
 
 
 class Tracker(Protocol):
+    run_id: str | None
+
     def log_config(self, config: dict[str, Any], tags: dict[str, str]) -> None: ...
-    def log_epoch(self, stats: EpochStats) -> None: ...
+    def log_dataset(self, source: str, sha1: str, num_tokens: int) -> None: ...
+    def log_epoch(self, stats: EpochStats, extra: dict[str, float]) -> None: ...
     def log_sample(self, epoch: int, prefix: str, text: str) -> None: ...
+    def log_artifact_text(self, text: str, path: str) -> None: ...
     def log_model(self, model_dir: Path, summary: dict[str, float]) -> None: ...
     def close(self, ok: bool) -> None: ...
 
 
 class NullTracker:
-    """Records nothing: non-main ranks, and jobs run without tracking."""
+    """Records nothing: non-main ranks, and jobs run with ``--no-tracking``."""
+
+    run_id: str | None = None
 
     def log_config(self, config: dict[str, Any], tags: dict[str, str]) -> None:
         pass
 
-    def log_epoch(self, stats: EpochStats) -> None:
+    def log_dataset(self, source: str, sha1: str, num_tokens: int) -> None:
+        pass
+
+    def log_epoch(self, stats: EpochStats, extra: dict[str, float]) -> None:
         pass
 
     def log_sample(self, epoch: int, prefix: str, text: str) -> None:
+        pass
+
+    def log_artifact_text(self, text: str, path: str) -> None:
         pass
 
     def log_model(self, model_dir: Path, summary: dict[str, float]) -> None:
@@ -34,3 +72,323 @@ class NullTracker:
 
     def close(self, ok: bool) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    uri: str | None  # None: $MLFLOW_TRACKING_URI, else MLflow's embedded default (sqlite)
+    experiment: str
+    run_name: str | None
+    registered_model_name: str
+    alias: str
+    flush_timeout: float = 300.0
+    system_metrics_interval: float = 10.0
+
+
+def resolve_uri(uri: str | None) -> str:
+    import mlflow
+
+    if uri:
+        return uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+
+
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail at start, before any training, if the server is down or refuses our credentials."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    base = uri.rstrip("/")
+    try:
+        requests.get(f"{base}/health", timeout=timeout).raise_for_status()
+    except requests.RequestException as exc:
+        raise UserError(
+            f"--tracking-uri: cannot reach the MLflow tracking server at {uri} "
+            f"({type(exc).__name__}); start it, fix --tracking-uri / MLFLOW_TRACKING_URI, "
+            "or pass --no-tracking."
+        ) from None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    auth = (user, password) if user and password else None
+    resp = requests.get(
+        f"{base}/api/2.0/mlflow/experiments/search",
+        params={"max_results": 1},
+        auth=auth,
+        timeout=timeout,
+    )
+    if resp.status_code in (401, 403):
+        who = f"the credentials of user {user!r}" if auth else "a request without credentials"
+        raise UserError(
+            f"--tracking-uri: the MLflow server at {uri} refused {who}"
+            f" (HTTP {resp.status_code}); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD to a valid account."
+        )
+    if not resp.ok:
+        raise UserError(
+            f"--tracking-uri: {uri} answered HTTP {resp.status_code}; is it an MLflow server?"
+        )
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=cwd
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class _Sender(threading.Thread):
+    """Runs tracking calls in order on one thread, retrying each until it succeeds."""
+
+    def __init__(self) -> None:
+        super().__init__(name="mlflow-sender", daemon=True)
+        self.tasks: queue.Queue[tuple[str, Callable[[], object]] | None] = queue.Queue()
+        self.deadline: float | None = None  # set at close: give up retrying after it
+        self.failed: list[str] = []
+
+    def submit(self, what: str, task: Callable[[], object]) -> None:
+        self.tasks.put((what, task))
+
+    def run(self) -> None:
+        while (item := self.tasks.get()) is not None:
+            what, task = item
+            self._run_with_retries(what, task)
+
+    def _run_with_retries(self, what: str, task: Callable[[], object]) -> None:
+        delay, warned = 1.0, False
+        while True:
+            try:
+                task()
+                if warned:
+                    log.warning("MLflow reachable again; sent %s", what)
+                return
+            except Exception as exc:  # any failure of the server or the network
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    self.failed.append(what)
+                    return
+                if not warned:
+                    log.warning(
+                        "MLflow call failed (%s: %s); training continues, retrying %s",
+                        type(exc).__name__,
+                        str(exc).splitlines()[0][:200] if str(exc) else "",
+                        what,
+                    )
+                    warned = True
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
+
+    def close(self, timeout: float) -> list[str]:
+        self.deadline = time.monotonic() + timeout
+        self.tasks.put(None)
+        self.join(timeout + 30)
+        pending = []
+        while not self.tasks.empty():
+            item = self.tasks.get_nowait()
+            if item is not None:
+                pending.append(item[0])
+        return self.failed + pending
+
+
+class MlflowTracker:
+    """One MLflow run for the whole job, written by the main rank only."""
+
+    def __init__(self, settings: TrackingSettings, run_id: str | None = None) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+
+        # We retry in our own thread; MLflow's own retries would stall each call for minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        self.settings = settings
+        self.uri = resolve_uri(settings.uri)
+        check_server(self.uri)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        if run_id is None:
+            experiment = self.client.get_experiment_by_name(settings.experiment)
+            experiment_id = (
+                experiment.experiment_id
+                if experiment is not None
+                else self.client.create_experiment(settings.experiment)
+            )
+            run_id = self.client.create_run(experiment_id, run_name=settings.run_name).info.run_id
+        self.run_id: str | None = run_id
+        self._run_id = run_id
+        self.history: list[EpochStats] = []
+        self.val_history: list[tuple[int, float]] = []
+        self.samples: list[tuple[int, str, str]] = []
+        self.sender = _Sender()
+        self.sender.start()
+        self.system_metrics = self._start_system_metrics()
+        log.info("tracking to %s, run %s", self.uri, run_id)
+
+    def _start_system_metrics(self) -> Any:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                self._run_id,
+                sampling_interval=self.settings.system_metrics_interval,
+                resume_logging=True,
+                tracking_uri=self.uri,
+            )
+            monitor.start()
+            return monitor
+        except Exception as exc:  # optional: never let it stop training
+            log.warning("system metrics are off: %s", exc)
+            return None
+
+    # -- records, all sent by the background thread ------------------------------------------
+
+    def log_config(self, config: dict[str, Any], tags: dict[str, str]) -> None:
+        from mlflow.entities import Param, RunTag
+
+        params = [
+            Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in config.items()
+        ]
+        run_tags = [RunTag(k, v) for k, v in tags.items()]
+        self.sender.submit(
+            "params", lambda: self.client.log_batch(self._run_id, params=params, tags=run_tags)
+        )
+        self.log_artifact_text(json.dumps(config, indent=2), "config.json")
+
+    def log_dataset(self, source: str, sha1: str, num_tokens: int) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        kind = "http" if source.startswith(("http://", "https://")) else "local"
+        dataset = Dataset(
+            name=Path(source).name or "corpus",
+            digest=sha1[:10],
+            source_type=kind,
+            source=json.dumps({"url" if kind == "http" else "uri": source}),
+            profile=json.dumps({"num_tokens": num_tokens, "sha1": sha1}),
+        )
+        inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]
+        self.sender.submit("dataset", lambda: self.client.log_inputs(self._run_id, inputs))
+
+    def log_epoch(self, stats: EpochStats, extra: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        self.history.append(stats)
+        if "val_perplexity" in extra:
+            self.val_history.append((stats.epoch, extra["val_perplexity"]))
+        now = int(time.time() * 1000)
+        values = {
+            "train_perplexity": stats.perplexity,
+            "tokens_per_s": stats.tokens_per_s,
+            "epoch_seconds": stats.seconds,
+            "grad_norm": stats.grad_norm,
+            "lr": stats.lr,
+            **extra,
+        }
+        metrics = [Metric(k, float(v), now, stats.epoch) for k, v in values.items()]
+        self.sender.submit(
+            f"epoch {stats.epoch} metrics",
+            lambda: self.client.log_batch(self._run_id, metrics=metrics),
+        )
+
+    def log_sample(self, epoch: int, prefix: str, text: str) -> None:
+        self.samples.append((epoch, prefix, text))
+        lines = [t for e, _, t in self.samples if e == epoch]
+        self.log_artifact_text("\n".join(lines) + "\n", f"samples/epoch_{epoch:04d}.txt")
+
+    def log_artifact_text(self, text: str, path: str) -> None:
+        self.sender.submit(path, lambda: self.client.log_text(self._run_id, text, path))
+
+    def log_model(self, model_dir: Path, summary: dict[str, float]) -> None:
+        from rnnlm import registry
+
+        rows = {
+            "epoch": [e for e, _, _ in self.samples],
+            "prefix": [p for _, p, _ in self.samples],
+            "text": [t for _, _, t in self.samples],
+        }
+        self.sender.submit(
+            "samples table", lambda: self.client.log_table(self._run_id, rows, "samples.json")
+        )
+        figure_png = self._perplexity_plot()
+        self.sender.submit(
+            "perplexity plot",
+            lambda: self.client.log_image(self._run_id, figure_png, "perplexity.png"),
+        )
+        self.sender.submit(
+            "registered model",
+            lambda: registry.log_and_register(
+                self._run_id,
+                model_dir,
+                self.settings.registered_model_name,
+                self.settings.alias,
+                summary,
+            ),
+        )
+
+    def _perplexity_plot(self) -> Any:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+        from PIL import Image
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(
+            [s.epoch for s in self.history], [s.perplexity for s in self.history], label="train"
+        )
+        if self.val_history:
+            ax.plot(*zip(*self.val_history, strict=True), label="validation")
+        ax.set(xlabel="epoch", ylabel="perplexity", yscale="log", title="rnnlm perplexity")
+        ax.legend()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        buffer.seek(0)
+        return np.asarray(Image.open(buffer).convert("RGB"))
+
+    def close(self, ok: bool) -> None:
+        status = "FINISHED" if ok else "FAILED"
+        self.sender.submit(
+            "run status", lambda: self.client.set_terminated(self._run_id, status=status)
+        )
+        if self.system_metrics is not None:
+            try:
+                self.system_metrics.finish()
+            except Exception as exc:
+                log.warning("system metrics did not stop cleanly: %s", exc)
+        unsent = self.sender.close(self.settings.flush_timeout)
+        if unsent:
+            log.warning(
+                "MLflow unreachable for %.0f s at the end: %d record(s) not sent (%s); "
+                "the model is saved locally.",
+                self.settings.flush_timeout,
+                len(unsent),
+                ", ".join(unsent[:5]),
+            )
+
+
+def make_tracker(
+    enabled: bool, is_main: bool, settings: TrackingSettings, run_id: str | None = None
+) -> Tracker:
+    if enabled and is_main:
+        return MlflowTracker(settings, run_id)
+    return NullTracker()
+
+
+def standard_tags(
+    world_size: int, backend: str | None, device: str, corpus: str, sha1: str
+) -> dict[str, str]:
+    import torch
+
+    tags = {
+        "world_size": str(world_size),
+        "backend": backend or "none",
+        "device": device,
+        "torch_version": torch.__version__,
+        "rnnlm_version": __version__,
+        "corpus_source": corpus,
+        "corpus_sha1": sha1,
+    }
+    commit = git_commit(Path(__file__).resolve().parent)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags

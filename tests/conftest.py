@@ -33,6 +33,8 @@ def job_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RNNLM_"))}
     # Two ranks on two cores: one thread each, or small matmuls crawl.
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    # As in an activated virtual environment: its tools (torchrun, uvicorn) are on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 

@@ -41,9 +41,13 @@ CASES = {
 def test_bad_flag(case: str, corpus_path: Path, tmp_path: Path) -> None:
     args, needles = CASES[case]
     out = tmp_path / "out"
-    proc = run_job(["--corpus", str(corpus_path), "--output-dir", str(out), "--epochs", "1", *args])
+    proc = run_job(
+        ["--corpus", str(corpus_path), "--output-dir", str(out), "--epochs", "1", *args],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert_refused(proc, *needles, out=out)
+    assert not (tmp_path / "mlflow.db").exists()  # no tracking run was started
 
 
 def test_missing_corpus_file(tmp_path: Path) -> None:

@@ -15,7 +15,10 @@ from tests.conftest import read_train_info, run_job
 
 
 def train_args(corpus: Path, out: Path, *extra: str) -> list[str]:
-    return ["--corpus", str(corpus), "--output-dir", str(out), "--sample-every", "2", *extra]
+    return [
+        "--corpus", str(corpus), "--output-dir", str(out), "--sample-every", "2",
+        "--no-tracking", *extra,
+    ]  # fmt: skip
 
 
 def run_ok(args: list[str], nproc: int = 1):
@@ -71,7 +74,7 @@ def test_model_dir_is_plain_types_and_samples_without_the_corpus(
 def test_reproduces_the_chapter(corpus_path: Path, tmp_path: Path) -> None:
     """500 epochs of the chapter's configuration reach perplexity <= 1.4 (book: 1.3)."""
     out = tmp_path / "chapter"
-    run_ok(["--corpus", str(corpus_path), "--output-dir", str(out)])
+    run_ok(["--corpus", str(corpus_path), "--output-dir", str(out), "--no-tracking"])
     info = read_train_info(out)
     assert len(info["perplexity_by_epoch"]) == 500
     assert info["final"]["train_perplexity"] <= 1.4

@@ -1,0 +1,138 @@
+"""The MLflow Model Registry: register a trained model, and find one again to sample from.
+
+A registered model is an MLflow pyfunc built as "model from code" (``rnnlm/pyfunc_model.py``
+is the code; no pickled Python object is stored). Its artifacts are plain files: the
+state_dict as safetensors, the model config and the vocabulary as JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from rnnlm import artifacts
+from rnnlm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+PACKAGE_DIR = Path(__file__).resolve().parent
+MODEL_NAME_IN_RUN = "model"
+SERVING_FILES = (artifacts.WEIGHTS, artifacts.MODEL_CONFIG, artifacts.VOCAB)
+
+
+def signature():  # -> mlflow.models.ModelSignature
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prefix")]),
+        outputs=Schema([ColSpec("string", "text")]),
+        params=ParamSchema(
+            [
+                ParamSpec("num_chars", "long", 50),
+                ParamSpec("temperature", "double", 0.0),
+                ParamSpec("top_k", "long", 0),  # 0: no restriction
+                ParamSpec("seed", "long", 0),
+            ]
+        ),
+    )
+
+
+def log_and_register(
+    run_id: str, model_dir: Path, name: str, alias: str, summary: dict[str, float]
+) -> int:
+    """Log ``model_dir`` as a pyfunc in run ``run_id``, register it as ``name`` and point
+    ``alias`` at the new version. Returns the version number."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        serving = Path(tmp) / "model_dir"
+        serving.mkdir()
+        for file in SERVING_FILES:  # only plain files: no model.pt (a zip with a pickle)
+            shutil.copy2(Path(model_dir) / file, serving / file)
+        code = Path(tmp) / "rnnlm"  # the package as source only: no bytecode caches
+        shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME_IN_RUN,
+                python_model=str(PYFUNC_CODE),
+                artifacts={"model_dir": str(serving)},
+                code_paths=[str(code)],
+                signature=signature(),
+                input_example=(pd.DataFrame({"prefix": ["time traveller"]}), {"num_chars": 20}),
+                pip_requirements=["torch", "safetensors", "numpy", "pandas", "mlflow"],
+                registered_model_name=name,
+            )
+    version = int(info.registered_model_version)
+    client = MlflowClient()
+    client.set_registered_model_alias(name, alias, str(version))
+    description = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in summary.items())
+    client.update_model_version(name, str(version), description=f"Final {description}.")
+    log.info("registered %s version %d as @%s", name, version, alias)
+    return version
+
+
+def download_model(model_uri: str, dst: Path, tracking_uri: str | None = None) -> Path:
+    """Fetch a model to ``dst`` and return the directory holding weights, config and vocab.
+
+    ``model_uri``: ``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/model``, or a local
+    model directory (a training ``--output-dir``).
+    """
+    local = Path(model_uri).expanduser()
+    if local.is_dir():
+        return local if (local / artifacts.WEIGHTS).is_file() else local / "artifacts/model_dir"
+    if not model_uri.startswith(("models:/", "runs:/")):
+        raise UserError(
+            f"--model-uri: {model_uri!r} is neither a model directory nor a models:/ or runs:/ "
+            "URI; pass e.g. models:/rnnlm-timemachine@candidate."
+        )
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    if model_uri.startswith("models:/"):
+        _check_registered(model_uri)
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst))
+    except MlflowException as exc:
+        raise UserError(f"--model-uri: cannot load {model_uri}: {exc.message}") from None
+    return Path(path) / "artifacts" / "model_dir"
+
+
+def _check_registered(model_uri: str) -> None:
+    """Turn an unknown model name, version or alias into a one-line error naming what exists."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    ref = model_uri.removeprefix("models:/").split("/")
+    name, _, alias = ref[0].partition("@")
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models())
+        raise UserError(
+            f"--model-uri: no registered model {name!r}; registered models: "
+            f"{', '.join(names) or 'none'}."
+        ) from None
+    aliases = model.aliases or {}
+    if alias and alias not in aliases:
+        known = ", ".join(f"@{a} (version {v})" for a, v in sorted(aliases.items()))
+        raise UserError(
+            f"--model-uri: {name!r} has no alias {alias!r}; its aliases: {known or 'none'}."
+        )
+    if not alias and len(ref) > 1 and ref[1].isdigit():
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        if int(ref[1]) not in versions:
+            raise UserError(
+                f"--model-uri: {name!r} has no version {ref[1]}; versions: "
+                f"{', '.join(map(str, versions))}."
+            )

@@ -1,0 +1,257 @@
+"""MLflow tracking and the Model Registry, against a real server and the embedded default."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from rnnlm.artifacts import read_model_dir
+from rnnlm.generate import generate
+from tests.conftest import ROOT, free_port, job_env, read_train_info, run_job
+from tests.mlflow_server import mlflow_server, start_server, stop_server
+
+EPOCHS = 6
+METRICS = [
+    "train_perplexity", "val_perplexity", "tokens_per_s", "rank0_tokens_per_s",
+    "rank1_tokens_per_s", "epoch_seconds", "grad_norm", "lr",
+]  # fmt: skip
+
+
+def job_args(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--corpus", str(corpus), "--output-dir", str(out), "--epochs", str(EPOCHS),
+        "--sample-every", "3", "--num-hiddens", "64", "--experiment", "tests", *extra,
+    ]  # fmt: skip
+
+
+def check_run(client: MlflowClient, out: Path) -> str:
+    """Exactly one run holding everything a reviewer expects; returns its id."""
+    experiment = client.get_experiment_by_name("tests")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    info = read_train_info(out)
+    assert info["mlflow_run_id"] == run.info.run_id
+    assert run.data.params["num_hiddens"] == "64" and run.data.params["epochs"] == str(EPOCHS)
+    assert set(info["config"]) <= set(run.data.params)  # every config value
+    tags = run.data.tags
+    assert tags["world_size"] == "2" and tags["backend"] == "gloo" and tags["device"] == "cpu"
+    assert tags["corpus_sha1"] == "090b5e7e70c295757f55df93cb0a180b9691891a"
+    assert {"torch_version", "rnnlm_version"} <= set(tags)
+    for name in METRICS:
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), name
+    train_ppl = sorted(
+        client.get_metric_history(run.info.run_id, "train_perplexity"), key=lambda m: m.step
+    )
+    assert [m.value for m in train_ppl] == pytest.approx(info["perplexity_by_epoch"])
+    paths = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"samples", "samples.json", "perplexity.png", "vocab.json", "config.json"} <= paths
+    samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert samples == {"samples/epoch_0003.txt", f"samples/epoch_{EPOCHS:04d}.txt"}
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "samples.json")).read_text())
+    assert table["columns"] == ["epoch", "prefix", "text"] and len(table["data"]) == 3
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == "090b5e7e70"
+    version = client.get_model_version_by_alias("rnnlm-timemachine", "candidate")
+    assert version.run_id == run.info.run_id
+    assert "train perplexity" in version.description and "val perplexity" in version.description
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> str:
+    with mlflow_server(tmp_path_factory.mktemp("server")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def trained(server: str, tmp_path_factory, corpus_path: Path) -> Path:
+    """A 2-rank torchrun job logged to the real server; its local output directory."""
+    work = tmp_path_factory.mktemp("job")
+    corpus = work / "timemachine.txt"
+    shutil.copy(corpus_path, corpus)  # removed later: sampling must not need it
+    out = work / "model"
+    proc = run_job(job_args(corpus, out, "--tracking-uri", server), nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_two_rank_job_logs_one_complete_run_to_a_server(server: str, trained: Path) -> None:
+    check_run(MlflowClient(server), trained)
+
+
+def test_embedded_default_store(corpus_path: Path, tmp_path: Path) -> None:
+    """No server, no MLFLOW_TRACKING_URI: MLflow's local sqlite store in the working dir."""
+    out = tmp_path / "model"
+    proc = run_job(job_args(corpus_path, out), nproc=2, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "mlflow.db").is_file()
+    check_run(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), out)
+
+
+def sample(server: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_job(
+        ["--model-uri", "models:/rnnlm-timemachine@candidate", *args],
+        module="jobs.sample",
+        env=job_env(MLFLOW_TRACKING_URI=server),
+        cwd=ROOT,
+    )
+
+
+def test_sampling_job_matches_in_process_greedy_generation(server: str, trained: Path) -> None:
+    module, vocab = read_model_dir(trained)
+    prefixes = ["time traveller", "the machine", "he said"]
+    expected = generate(module, vocab, prefixes, 60)
+    (trained.parent / "timemachine.txt").unlink()  # sampling needs no training data...
+    aside = trained.parent.with_name("moved-away")
+    trained.parent.rename(aside)  # ...nor the training output directory
+    args = [a for p in prefixes for a in ("--prefix", p)]
+    try:
+        proc = sample(server, *args, "--num-chars", "60")
+    finally:
+        aside.rename(trained.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == expected
+
+    seeded = ["--temperature", "1.0", "--top-k", "5", "--num-chars", "80", "--format", "jsonl"]
+    first = sample(server, *args, *seeded, "--seed", "7").stdout
+    assert first == sample(server, *args, *seeded, "--seed", "7").stdout  # reproducible
+    assert first != sample(server, *args, *seeded, "--seed", "8").stdout
+    records = [json.loads(line) for line in first.splitlines()]
+    assert [r["prefix"] for r in records] == prefixes
+    assert all(len(r["text"]) == len(r["prefix"]) + 80 for r in records)
+
+
+def test_sampling_errors_name_what_exists(server: str, trained: Path) -> None:
+    proc = run_job(
+        ["--model-uri", "models:/rnnlm-timemachine@nope"], module="jobs.sample",
+        env=job_env(MLFLOW_TRACKING_URI=server),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "Error: --model-uri: 'rnnlm-timemachine' has no alias 'nope'; its aliases: "
+        "@candidate (version 1)."
+    )
+    proc = run_job(
+        ["--model-uri", "models:/other@candidate"], module="jobs.sample",
+        env=job_env(MLFLOW_TRACKING_URI=server),
+    )  # fmt: skip
+    assert "no registered model 'other'; registered models: rnnlm-timemachine." in proc.stderr
+    proc = sample(server, "--prefix", "Time Traveller!")
+    assert proc.returncode == 2
+    assert "--prefix: characters outside the model's vocabulary: ['!', 'T']" in proc.stderr
+    assert "--map-unknown" in proc.stderr
+    mapped = sample(server, "--prefix", "Time Traveller!", "--map-unknown")
+    assert mapped.returncode == 0 and mapped.stdout.startswith("Time Traveller!")
+
+
+def test_registered_artifacts_hold_no_pickle(server: str, trained: Path, tmp_path: Path) -> None:
+    client = MlflowClient(server)
+    version = client.get_model_version_by_alias("rnnlm-timemachine", "candidate")
+    import mlflow
+
+    mlflow.set_tracking_uri(server)
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/rnnlm-timemachine/{version.version}", dst_path=str(tmp_path)
+        )
+    )
+    files = [p for p in local.rglob("*") if p.is_file()]
+    names = {p.relative_to(local).as_posix() for p in files}
+    assert {
+        "MLmodel",
+        "artifacts/model_dir/model.safetensors",
+        "artifacts/model_dir/vocab.json",
+    } <= names
+    for path in files:
+        assert path.suffix not in {".pkl", ".pickle", ".pt", ".pth", ".pyc", ".joblib"}, path
+        head = path.read_bytes()[:2]
+        assert not (head[:1] == b"\x80" and head[1:2] in bytes(range(2, 6))), f"pickle: {path}"
+    mlmodel = (local / "MLmodel").read_text()
+    assert "python_model.pkl" not in mlmodel and "model_code_path" in mlmodel
+
+
+def test_mlflow_models_serve_answers(server: str, trained: Path, tmp_path: Path) -> None:
+    module, vocab = read_model_dir(trained)
+    (expected,) = generate(module, vocab, ["time traveller"], 30)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m",
+         "models:/rnnlm-timemachine@candidate", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        env=job_env(MLFLOW_TRACKING_URI=server), stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "serve.log", "wb"), start_new_session=True,  # noqa: SIM115
+    )  # fmt: skip
+    try:
+        body = {
+            "dataframe_split": {"columns": ["prefix"], "data": [["time traveller"]]},
+            "params": {"num_chars": 30},
+        }
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                resp = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=30)
+                break
+            except requests.ConnectionError:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+                assert time.monotonic() < deadline, "model server did not start"
+                time.sleep(1)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["predictions"] == [{"text": expected}]
+    finally:
+        stop_server(proc)
+
+
+def test_unreachable_server_at_start_fails_before_training(
+    corpus_path: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "model"
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = run_job(job_args(corpus_path, out, "--tracking-uri", url), nproc=2, cwd=tmp_path)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "cannot reach the MLflow tracking server" in errors[0]
+    assert "epoch 1" not in proc.stderr  # no training happened
+    assert not out.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_server_stopped_mid_run_training_finishes(corpus_path: Path, tmp_path: Path) -> None:
+    url, server = start_server(tmp_path / "server")
+    out = tmp_path / "model"
+    args = job_args(corpus_path, out, "--tracking-uri", url, "--tracking-timeout", "3")
+    args[args.index("--epochs") + 1] = "400"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "jobs.train", *args], env=job_env(), cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        client = MlflowClient(url)
+        deadline = time.monotonic() + 120
+        while True:  # stop the server once the first epochs have reached it
+            runs = (
+                client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+                if client.get_experiment_by_name("tests")
+                else []
+            )
+            if runs and client.get_metric_history(runs[0].info.run_id, "train_perplexity"):
+                break
+            assert time.monotonic() < deadline and job.poll() is None
+            time.sleep(0.2)
+    finally:
+        stop_server(server)
+    _, stderr = job.communicate(timeout=600)
+    assert job.returncode == 0, stderr[-3000:]
+    assert "MLflow call failed" in stderr and "training continues" in stderr
+    info = read_train_info(out)
+    assert len(info["perplexity_by_epoch"]) == 400  # trained to the end
+    assert read_model_dir(out)  # and the model is saved locally

@@ -1,0 +1,81 @@
+"""Checkpoint files: atomic writes, retention, fallback past broken files, no code execution."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from rnnlm import checkpoint
+from rnnlm.errors import FlagError
+
+
+def payload(step: int) -> dict:
+    return {
+        "format": checkpoint.FORMAT,
+        "global_step": step,
+        "model": {"w": torch.full((3,), float(step))},
+        "data_rng": (3, tuple(range(625)), None),
+        "model_config": {"cell": "rnn", "num_hiddens": 8},
+        "vocab": ["<unk>", " ", "e"],
+    }
+
+
+def test_save_keeps_the_newest(tmp_path: Path) -> None:
+    for step in (5, 10, 15, 20):
+        checkpoint.save(tmp_path, payload(step), step, keep=2)
+    names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
+    assert names == ["ckpt-0000000020.pt", "ckpt-0000000015.pt"]
+    assert sorted(os.listdir(tmp_path)) == sorted(names)  # no temporary files left
+    path, loaded = checkpoint.load_newest(tmp_path)
+    assert loaded["global_step"] == 20 and torch.equal(loaded["model"]["w"], torch.full((3,), 20.0))
+    assert loaded["data_rng"] == (3, tuple(range(625)), None)
+
+
+def test_truncated_newest_falls_back_to_the_previous(tmp_path: Path, caplog) -> None:
+    for step in (1, 2):
+        checkpoint.save(tmp_path, payload(step), step, keep=3)
+    newest = checkpoint.path_for(tmp_path, 2)
+    newest.write_bytes(newest.read_bytes()[:100])
+    path, loaded = checkpoint.load_newest(tmp_path)
+    assert loaded["global_step"] == 1
+    assert "skipping unusable checkpoint" in caplog.text and newest.name in caplog.text
+
+
+class Payload:
+    """Unpickling this runs code: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_planted_pickle_payload_is_refused(tmp_path: Path) -> None:
+    checkpoint.save(tmp_path, payload(1), 1, keep=3)
+    marker = tmp_path.parent / "code-was-executed"
+    torch.save({"format": 1, "evil": Payload(marker)}, checkpoint.path_for(tmp_path, 99))
+    path, loaded = checkpoint.load_newest(tmp_path)
+    assert loaded["global_step"] == 1  # the planted file is skipped...
+    assert not marker.exists()  # ...and nothing in it ran
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path: Path) -> None:
+    ckpt = payload(1)
+    checkpoint.check_compatible(ckpt, {"cell": "rnn", "num_hiddens": 8}, ckpt["vocab"], tmp_path)
+    with pytest.raises(FlagError, match=r"num_hiddens 8 vs 16.*--fresh"):
+        checkpoint.check_compatible(
+            ckpt, {"cell": "rnn", "num_hiddens": 16}, ckpt["vocab"], tmp_path
+        )
+    with pytest.raises(FlagError, match=r"different vocabulary.*--fresh"):
+        checkpoint.check_compatible(ckpt, ckpt["model_config"], ["<unk>", "a"], tmp_path)
+
+
+def test_unwritable_directory_is_refused(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(FlagError, match="--checkpoint-dir: cannot write"):
+        checkpoint.check_writable(blocker / "ckpts")

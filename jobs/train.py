@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from jobs.common import setup_logging, user_errors
 from rnnlm import pipeline
 from rnnlm.config import CELLS, TrainConfig
 from rnnlm.distributed import process_group, read_env
+from rnnlm.resume import EXIT_PREEMPTED, Preempted, stop_on_signals
 from rnnlm.tracking import TrackingSettings, make_tracker
 
 D = TrainConfig()  # the defaults shown in --help
@@ -142,6 +145,25 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     help="Where the final model (weights, config, vocabulary) is written.",
 )
 @click.option(
+    "--checkpoint-dir",
+    default=None,
+    envvar="RNNLM_CHECKPOINT_DIR",
+    help="Keep checkpoints here and resume from the newest on start (a shared volume "
+    "under Kubernetes) [default: no checkpoints].",
+)
+@click.option(
+    "--checkpoint-every", type=int, default=D.checkpoint_every,
+    help="Checkpoint every N epochs (or steps, see --checkpoint-unit); SIGTERM always does.",
+)  # fmt: skip
+@click.option(
+    "--checkpoint-unit", type=click.Choice(["epoch", "step"]), default=D.checkpoint_unit,
+    help="What --checkpoint-every counts.",
+)  # fmt: skip
+@click.option("--keep-checkpoints", type=int, default=D.keep_checkpoints,
+              help="How many of the newest checkpoints to keep.")  # fmt: skip
+@click.option("--fresh", is_flag=True, default=D.fresh,
+              help="Delete existing checkpoints and start over instead of resuming.")  # fmt: skip
+@click.option(
     "--sample-every", type=int, default=D.sample_every, help="Print a greedy sample every N epochs."
 )
 @click.option(
@@ -204,17 +226,21 @@ def train(**flags: Any) -> None:
 
 @record  # torchrun reports the failing rank's traceback
 def run(config: TrainConfig) -> pipeline.TrainResult:
-    with process_group(config.device, config.dist_timeout) as info:
+    with process_group(config.device, config.dist_timeout) as info, stop_on_signals() as stop:
         setup_logging(info.rank, info.is_main)
         data = pipeline.prepare(config, info)
-        tracker = make_tracker(config.tracking, info.is_main, tracking_settings(config))
-        ok = False
+        settings = tracking_settings(config)
         try:
-            result = pipeline.train(config, info, data, tracker)
-            ok = True
-            return result
-        finally:
-            tracker.close(ok)
+            return pipeline.train(
+                config,
+                info,
+                data,
+                lambda run_id: make_tracker(config.tracking, info.is_main, settings, run_id),
+                stop,
+            )
+        except Preempted as exc:
+            logging.getLogger("jobs.train").warning("%s; exiting so the job is retried", exc)
+            sys.exit(EXIT_PREEMPTED)
 
 
 def tracking_settings(config: TrainConfig) -> TrackingSettings:

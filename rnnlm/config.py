@@ -71,6 +71,12 @@ class TrainConfig:
     device: str = "auto"
     dist_timeout: float = 300.0  # seconds before a lost peer fails the job
     output_dir: str = "runs/rnnlm"
+    # Fault tolerance: resume from the newest checkpoint in checkpoint_dir (None: none kept).
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 1
+    checkpoint_unit: str = "epoch"  # or "step" (minibatches)
+    keep_checkpoints: int = 3
+    fresh: bool = False  # ignore (delete) existing checkpoints instead of resuming
     sample_every: int = 10
     # Periodic samples start from the first prefix; the final samples from all of them.
     sample_prefixes: tuple[str, ...] = ("time traveller", "traveller")
@@ -115,6 +121,12 @@ class TrainConfig:
         _positive("--sample-every", self.sample_every)
         _positive("--log-every", self.log_every)
         _positive("--dist-timeout", self.dist_timeout)
+        _positive("--checkpoint-every", self.checkpoint_every)
+        _positive("--keep-checkpoints", self.keep_checkpoints)
+        if self.checkpoint_unit not in ("epoch", "step"):
+            raise FlagError(
+                "--checkpoint-unit", f"got {self.checkpoint_unit!r}; choose 'epoch' or 'step'."
+            )
         if self.num_sample_chars < 0:
             raise FlagError("--num-sample-chars", f"got {self.num_sample_chars}; pass 0 or more.")
         if not self.lr > 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from rnnlm.batching import Minibatch
 from rnnlm.distributed import DistInfo, all_reduce_sum
+from rnnlm.errors import UserError
 from rnnlm.model import RNNLM, State, detach_state
 
 
@@ -46,27 +47,69 @@ def clip_gradients(params: Sequence[nn.Parameter], max_norm: float) -> Tensor:
     return norm
 
 
+class NonFiniteLoss(UserError):
+    """Training diverged; the message names where, and no checkpoint is written after it."""
+
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(
+            f"--lr: the loss became NaN/inf at epoch {epoch}, step {step}; training stopped "
+            "and the last good checkpoint is kept. Lower --lr or --clip, or check the data."
+        )
+
+
+@dataclass
+class EpochProgress:
+    """An epoch in flight: what a checkpoint saves and a resumed epoch starts from.
+
+    The sums are this rank's and stay on the device (no host sync per step).
+    """
+
+    loss_sum: Tensor  # sum of loss * tokens (float64)
+    norm_sum: Tensor  # sum of pre-clipping gradient norms
+    bad_step: Tensor  # first step (1-based) whose loss was NaN/inf, or -1
+    step: int = 0  # minibatches done
+    num_tokens: int = 0  # this rank's targets so far
+    state: State | None = None  # carried hidden state after ``step`` minibatches
+
+    @classmethod
+    def start(cls, device: torch.device) -> EpochProgress:
+        return cls(
+            loss_sum=torch.zeros((), device=device, dtype=torch.float64),
+            norm_sum=torch.zeros((), device=device),
+            bad_step=torch.full((), -1, device=device, dtype=torch.long),
+        )
+
+    def check_finite(self, epoch: int) -> None:
+        bad = int(self.bad_step.item())
+        if bad >= 0:
+            raise NonFiniteLoss(epoch, bad)
+
+
 def train_epoch(
     model: nn.Module,
     module: RNNLM,
-    batches: Iterable[Minibatch],
+    batches: Sequence[Minibatch],
     optimizer: torch.optim.Optimizer,
     clip: float,
     reset_state_every_batch: bool,
     info: DistInfo,
     epoch: int,
+    progress: EpochProgress | None = None,
+    after_step: Callable[[EpochProgress], None] | None = None,
 ) -> EpochStats:
-    """Train over ``batches`` (this rank's rows). ``model`` may be the DDP wrapper of ``module``."""
+    """Train over ``batches`` (this rank's rows). ``model`` may be the DDP wrapper of ``module``.
+
+    ``progress`` resumes an epoch part-way (its first ``progress.step`` minibatches are
+    skipped); ``after_step`` sees the progress after every minibatch (checkpoints, preemption).
+    """
     device = info.device
     params = [p for p in module.parameters() if p.requires_grad]
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    norm_sum = torch.zeros((), device=device)
-    num_steps = 0
-    num_local_tokens = 0
-    state: State | None = None
+    progress = progress or EpochProgress.start(device)
     start = time.perf_counter()
-    for x, y in batches:
+    tokens_before = progress.num_tokens
+    for x, y in batches[progress.step :]:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        state = progress.state
         if state is None or reset_state_every_batch:
             state = module.begin_state(x.shape[0], device)
         else:
@@ -78,25 +121,37 @@ def train_epoch(
         loss = F.cross_entropy(logits, targets)  # mean over this rank's T*B/W targets
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages gradients over ranks: the mean over the global batch
-        norm_sum += clip_gradients(params, clip)
+        progress.norm_sum += clip_gradients(params, clip)
         optimizer.step()
-        loss_sum += loss.detach() * targets.numel()
-        num_local_tokens += targets.numel()
-        num_steps += 1
+        loss = loss.detach()
+        progress.loss_sum += loss * targets.numel()
+        progress.step += 1
+        progress.num_tokens += targets.numel()
+        progress.state = state
+        progress.bad_step = torch.where(
+            torch.isfinite(loss) | (progress.bad_step >= 0), progress.bad_step, progress.step
+        )
+        if after_step is not None:
+            after_step(progress)
+    progress.check_finite(epoch)
     rank_seconds = time.perf_counter() - start
-    totals = torch.stack(
-        [loss_sum, torch.tensor(float(num_local_tokens), device=device, dtype=torch.float64)]
+    rank_tokens_now = progress.num_tokens - tokens_before  # a resumed epoch ran only part
+    totals = torch.tensor(
+        [0.0, float(progress.num_tokens), float(rank_tokens_now)],
+        device=device,
+        dtype=torch.float64,
     )
+    totals[0] = progress.loss_sum
     all_reduce_sum(totals, info)
     seconds = time.perf_counter() - start
-    total_loss, total_tokens = totals.tolist()
+    total_loss, total_tokens, tokens_now = totals.tolist()
     return EpochStats(
         epoch=epoch,
         perplexity=math.exp(total_loss / total_tokens),
         num_tokens=int(total_tokens),
         seconds=seconds,
-        tokens_per_s=total_tokens / seconds,
-        rank_tokens_per_s=num_local_tokens / rank_seconds,
-        grad_norm=norm_sum.item() / max(num_steps, 1),
+        tokens_per_s=tokens_now / seconds,
+        rank_tokens_per_s=rank_tokens_now / rank_seconds,
+        grad_norm=progress.norm_sum.item() / max(progress.step, 1),
         lr=optimizer.param_groups[0]["lr"],
     )

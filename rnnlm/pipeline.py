@@ -6,18 +6,20 @@ the entry points in ``jobs/`` only parse flags and call it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from rnnlm import artifacts, corpus
+from rnnlm import artifacts, checkpoint, corpus
 from rnnlm.batching import check_corpus_length, epoch_batches
 from rnnlm.config import TrainConfig
 from rnnlm.distributed import DistInfo, all_gather_float
@@ -26,6 +28,7 @@ from rnnlm.evaluate import evaluate, validation_batches
 from rnnlm.generate import generate
 from rnnlm.loop import EpochStats, train_epoch
 from rnnlm.model import RNNLM
+from rnnlm.resume import Checkpointer, History, Preempted, Resumed, StopFlag
 from rnnlm.tracking import NullTracker, Tracker, standard_tags
 from rnnlm.vocab import Vocab
 
@@ -45,14 +48,8 @@ class Dataset:
 class TrainResult:
     module: RNNLM
     vocab: Vocab
-    history: list[EpochStats] = field(default_factory=list)
-    val_history: list[float] = field(default_factory=list)  # validation perplexity per epoch
-    samples: list[tuple[int, str, str]] = field(default_factory=list)  # (epoch, prefix, text)
+    history: History
     model_dir: Path | None = None
-
-    @property
-    def final_perplexity(self) -> float:
-        return self.history[-1].perplexity
 
 
 def load_dataset(config: TrainConfig) -> Dataset:
@@ -105,13 +102,13 @@ def build_model(config: TrainConfig, vocab_size: int, info: DistInfo) -> tuple[R
 class Progress:
     """Rank 0's view of training: a bar on a terminal, log lines otherwise."""
 
-    def __init__(self, epochs: int, log_every: int, enabled: bool) -> None:
+    def __init__(self, epochs: int, log_every: int, enabled: bool, done: int = 0) -> None:
         self.log_every = log_every
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=epochs, unit="epoch", dynamic_ncols=True)
+            self.bar = tqdm(total=epochs, initial=done, unit="epoch", dynamic_ncols=True)
         self.enabled = enabled
 
     def update(self, stats: EpochStats) -> None:
@@ -143,23 +140,65 @@ def prepare(config: TrainConfig, info: DistInfo) -> Dataset:
     config.validate(info.world_size)
     if info.is_main:
         check_output_dir(Path(config.output_dir))
+        if config.checkpoint_dir:
+            checkpoint.check_writable(Path(config.checkpoint_dir))
     data = load_dataset(config)
     check_corpus_length(len(data.train_ids), config.batch_size, config.num_steps, info.world_size)
     return data
 
 
+TrackerFactory = Callable[[str | None], Tracker]  # MLflow run id to continue -> tracker
+
+
 def train(
-    config: TrainConfig, info: DistInfo, data: Dataset, tracker: Tracker | None = None
+    config: TrainConfig,
+    info: DistInfo,
+    data: Dataset,
+    make_tracker: TrackerFactory | None = None,
+    stop: StopFlag | None = None,
 ) -> TrainResult:
     """Train as ``config`` says on this rank's share of every minibatch; return the result.
 
-    Every rank runs this; only the main rank samples, reports and writes the model.
+    Every rank runs this; only the main rank samples, reports and writes the model. With a
+    checkpoint directory, the job continues from its newest checkpoint; ``stop`` (set by
+    SIGTERM) ends it with a checkpoint at the next step boundary (raises :class:`Preempted`).
     """
-    tracker = tracker or NullTracker()
-    output_dir = Path(config.output_dir)
     module, model = build_model(config, len(data.vocab), info)
     optimizer = torch.optim.SGD(module.parameters(), lr=config.lr)
     rng = random.Random(config.seed)  # shared: every rank draws the same offsets and shuffles
+    history = History()
+    checkpointer = Checkpointer(config, info, module, optimizer, data.vocab, history, stop)
+    found = checkpointer.find()
+    resumed = checkpointer.restore(found, rng) if found is not None else None
+    run_id = resumed.mlflow_run_id if resumed else None
+    tracker = make_tracker(run_id) if make_tracker else NullTracker()
+    checkpointer.mlflow_run_id = tracker.run_id
+    status = "FAILED"
+    try:
+        result = _train(config, info, data, module, model, optimizer, rng, history, checkpointer,
+                        resumed, tracker)  # fmt: skip
+        status = "FINISHED"
+        return result
+    except Preempted:
+        status = "RUNNING"  # the retried job continues the same run
+        raise
+    finally:
+        tracker.close(status)
+
+
+def _train(
+    config: TrainConfig,
+    info: DistInfo,
+    data: Dataset,
+    module: RNNLM,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rng: random.Random,
+    history: History,
+    checkpointer: Checkpointer,
+    resumed: Resumed | None,
+    tracker: Tracker,
+) -> TrainResult:
     val_batches = (
         validation_batches(
             data.val_ids, config.batch_size, config.num_steps, info.rank, info.world_size
@@ -167,24 +206,30 @@ def train(
         if len(data.val_ids)
         else []
     )
-    tracker.log_config(
-        config.to_dict(),
-        standard_tags(info.world_size, info.backend, str(info.device), config.corpus, data.sha1),
-    )
-    tracker.log_dataset(config.corpus, data.sha1, len(data.train_ids))
-    tracker.log_artifact_text(data.vocab.to_json(), "vocab.json")
-    result = TrainResult(module=module, vocab=data.vocab)
-    progress = Progress(config.epochs, config.log_every, enabled=info.is_main)
+    if resumed is None:
+        tracker.log_config(
+            config.to_dict(),
+            standard_tags(
+                info.world_size, info.backend, str(info.device), config.corpus, data.sha1
+            ),
+        )
+        tracker.log_dataset(config.corpus, data.sha1, len(data.train_ids))
+        tracker.log_artifact_text(data.vocab.to_json(), "vocab.json")
+    else:
+        tracker.resume(history)
+    first_epoch = resumed.epoch if resumed else 1
+    progress = Progress(config.epochs, config.log_every, enabled=info.is_main, done=first_epoch - 1)
 
     def sample(epoch: int, prefixes: tuple[str, ...]) -> None:
         texts = generate(module, data.vocab, prefixes, config.num_sample_chars, device=info.device)
         for prefix, text in zip(prefixes, texts, strict=True):
-            result.samples.append((epoch, prefix, text))
+            history.samples.append((epoch, prefix, text))
             tracker.log_sample(epoch, prefix, text)
             progress.write(f"epoch {epoch}: {text}")
 
     try:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(first_epoch, config.epochs + 1):
+            epoch_rng = rng.getstate()  # what a mid-epoch checkpoint needs to redo the layout
             batches = epoch_batches(
                 data.train_ids,
                 config.batch_size,
@@ -203,25 +248,31 @@ def train(
                 reset_state_every_batch=config.sampling == "random",
                 info=info,
                 epoch=epoch,
+                progress=resumed.progress if resumed and epoch == resumed.epoch else None,
+                after_step=functools.partial(checkpointer.after_step, epoch, epoch_rng),
             )
-            result.history.append(stats)
+            history.epochs.append(stats)
             extra = {
                 f"rank{r}_tokens_per_s": v
                 for r, v in enumerate(all_gather_float(stats.rank_tokens_per_s, info))
             }
             if val_batches:
-                result.val_history.append(evaluate(module, val_batches, info))
-                extra["val_perplexity"] = result.val_history[-1]
+                history.val_perplexity.append(evaluate(module, val_batches, info))
+                extra["val_perplexity"] = history.val_perplexity[-1]
+            history.extra_metrics.append(extra)
             tracker.log_epoch(stats, extra)
             progress.update(stats)
             if info.is_main and epoch % config.sample_every == 0 and epoch != config.epochs:
                 sample(epoch, config.sample_prefixes[:1])
+            checkpointer.after_epoch(epoch, rng.getstate())
     finally:
         progress.close()
 
+    result = TrainResult(module=module, vocab=data.vocab, history=history)
     if info.is_main:
+        history.samples[:] = [s for s in history.samples if s[0] != config.epochs]
         sample(config.epochs, config.sample_prefixes)
-        final = result.history[-1]
+        final = history.epochs[-1]
         log.info(
             "perplexity %.1f, %.1f tokens/sec on %s",
             final.perplexity,
@@ -229,10 +280,10 @@ def train(
             info.device,
         )
         summary = {"train_perplexity": final.perplexity}
-        if result.val_history:
-            summary["val_perplexity"] = result.val_history[-1]
+        if history.val_perplexity:
+            summary["val_perplexity"] = history.val_perplexity[-1]
         result.model_dir = artifacts.write_model_dir(
-            output_dir,
+            Path(config.output_dir),
             module,
             data.vocab,
             {
@@ -240,8 +291,8 @@ def train(
                 "final": summary,
                 "corpus_sha1": data.sha1,
                 "world_size": info.world_size,
-                "perplexity_by_epoch": [s.perplexity for s in result.history],
-                "val_perplexity_by_epoch": result.val_history,
+                "perplexity_by_epoch": [s.perplexity for s in history.epochs],
+                "val_perplexity_by_epoch": history.val_perplexity,
                 "mlflow_run_id": tracker.run_id,
             },
         )

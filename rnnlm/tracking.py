@@ -24,13 +24,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import requests
 
 from rnnlm import __version__
 from rnnlm.errors import UserError
 from rnnlm.loop import EpochStats
+
+if TYPE_CHECKING:
+    from rnnlm.resume import History
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,8 @@ class Tracker(Protocol):
     def log_sample(self, epoch: int, prefix: str, text: str) -> None: ...
     def log_artifact_text(self, text: str, path: str) -> None: ...
     def log_model(self, model_dir: Path, summary: dict[str, float]) -> None: ...
-    def close(self, ok: bool) -> None: ...
+    def resume(self, history: History) -> None: ...
+    def close(self, status: str) -> None: ...
 
 
 class NullTracker:
@@ -70,7 +74,10 @@ class NullTracker:
     def log_model(self, model_dir: Path, summary: dict[str, float]) -> None:
         pass
 
-    def close(self, ok: bool) -> None:
+    def resume(self, history: History) -> None:
+        pass
+
+    def close(self, status: str) -> None:
         pass
 
 
@@ -205,6 +212,12 @@ class MlflowTracker:
         check_server(self.uri)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
+        if run_id is not None:
+            try:  # continue the run of the job this one resumes
+                self.client.update_run(run_id, status="RUNNING")
+            except Exception as exc:
+                log.warning("cannot continue MLflow run %s (%s); starting a new run", run_id, exc)
+                run_id = None
         if run_id is None:
             experiment = self.client.get_experiment_by_name(settings.experiment)
             experiment_id = (
@@ -218,6 +231,7 @@ class MlflowTracker:
         self.history: list[EpochStats] = []
         self.val_history: list[tuple[int, float]] = []
         self.samples: list[tuple[int, str, str]] = []
+        self.logged_epochs: set[int] = set()  # epochs a resumed job must not log again
         self.sender = _Sender()
         self.sender.start()
         self.system_metrics = self._start_system_metrics()
@@ -267,12 +281,24 @@ class MlflowTracker:
         inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]
         self.sender.submit("dataset", lambda: self.client.log_inputs(self._run_id, inputs))
 
+    def resume(self, history: History) -> None:
+        """Continue the run: what the interrupted job logged stays, what it lost is re-sent."""
+        logged = self.client.get_metric_history(self._run_id, "train_perplexity")
+        self.logged_epochs = {m.step for m in logged}
+        for stats, extra in zip(history.epochs, history.extra_metrics, strict=True):
+            self.log_epoch(stats, extra)  # skips the epochs the server already has
+        for epoch, prefix, text in history.samples:
+            self.log_sample(epoch, prefix, text)
+        log.info("continuing MLflow run %s after epoch %d", self._run_id, len(history.epochs))
+
     def log_epoch(self, stats: EpochStats, extra: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         self.history.append(stats)
         if "val_perplexity" in extra:
             self.val_history.append((stats.epoch, extra["val_perplexity"]))
+        if stats.epoch in self.logged_epochs:  # a resumed job recomputed it identically
+            return
         now = int(time.time() * 1000)
         values = {
             "train_perplexity": stats.perplexity,
@@ -345,22 +371,25 @@ class MlflowTracker:
         buffer.seek(0)
         return np.asarray(Image.open(buffer).convert("RGB"))
 
-    def close(self, ok: bool) -> None:
-        status = "FINISHED" if ok else "FAILED"
-        self.sender.submit(
-            "run status", lambda: self.client.set_terminated(self._run_id, status=status)
-        )
+    def close(self, status: str) -> None:
+        """``status``: FINISHED, FAILED, or RUNNING (preempted: a retry continues the run)."""
+        if status != "RUNNING":
+            self.sender.submit(
+                "run status", lambda: self.client.set_terminated(self._run_id, status=status)
+            )
         if self.system_metrics is not None:
             try:
                 self.system_metrics.finish()
             except Exception as exc:
                 log.warning("system metrics did not stop cleanly: %s", exc)
-        unsent = self.sender.close(self.settings.flush_timeout)
+        # A failing or preempted job must exit soon: the launcher kills it after ~30 s anyway.
+        timeout = self.settings.flush_timeout if status == "FINISHED" else 10.0
+        unsent = self.sender.close(timeout)
         if unsent:
             log.warning(
                 "MLflow unreachable for %.0f s at the end: %d record(s) not sent (%s); "
                 "the model is saved locally.",
-                self.settings.flush_timeout,
+                timeout,
                 len(unsent),
                 ", ".join(unsent[:5]),
             )

@@ -29,7 +29,7 @@ def test_save_keeps_the_newest(tmp_path: Path) -> None:
     names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
     assert names == ["ckpt-0000000020.pt", "ckpt-0000000015.pt"]
     assert sorted(os.listdir(tmp_path)) == sorted(names)  # no temporary files left
-    path, loaded = checkpoint.load_newest(tmp_path)
+    _path, loaded = checkpoint.load_newest(tmp_path)
     assert loaded["global_step"] == 20 and torch.equal(loaded["model"]["w"], torch.full((3,), 20.0))
     assert loaded["data_rng"] == (3, tuple(range(625)), None)
 
@@ -39,7 +39,7 @@ def test_truncated_newest_falls_back_to_the_previous(tmp_path: Path, caplog) -> 
         checkpoint.save(tmp_path, payload(step), step, keep=3)
     newest = checkpoint.path_for(tmp_path, 2)
     newest.write_bytes(newest.read_bytes()[:100])
-    path, loaded = checkpoint.load_newest(tmp_path)
+    _path, loaded = checkpoint.load_newest(tmp_path)
     assert loaded["global_step"] == 1
     assert "skipping unusable checkpoint" in caplog.text and newest.name in caplog.text
 
@@ -58,7 +58,7 @@ def test_planted_pickle_payload_is_refused(tmp_path: Path) -> None:
     checkpoint.save(tmp_path, payload(1), 1, keep=3)
     marker = tmp_path.parent / "code-was-executed"
     torch.save({"format": 1, "evil": Payload(marker)}, checkpoint.path_for(tmp_path, 99))
-    path, loaded = checkpoint.load_newest(tmp_path)
+    _path, loaded = checkpoint.load_newest(tmp_path)
     assert loaded["global_step"] == 1  # the planted file is skipped...
     assert not marker.exists()  # ...and nothing in it ran
 

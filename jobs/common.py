@@ -26,7 +26,7 @@ def setup_logging(rank: int, is_main: bool) -> None:
     """Rank-prefixed log lines on stderr; ranks other than the main one only warn."""
     logging.basicConfig(
         level=logging.INFO if is_main else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s.%(msecs)03d [rank{rank}] %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
         force=True,

@@ -76,20 +76,39 @@ def fetch(
 
 
 def _download(url: str, sha1: str | None, target: Path, timeout: float, retries: int) -> None:
+    """Download ``url`` into ``target``, over https where the host offers it."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    session = requests.Session()
+    if url.startswith("http://"):
+        secure = "https://" + url.removeprefix("http://")
+        try:  # one quick try: an http-only host should not cost the retries
+            _fetch_verified(secure, sha1, target, min(timeout, 10.0), retries=0)
+            return
+        except requests.RequestException as exc:
+            log.info("https not available for %s (%s); using http", url, type(exc).__name__)
+    try:
+        _fetch_verified(url, sha1, target, timeout, retries)
+    except requests.RequestException as exc:
+        raise UserError(
+            f"--corpus: cannot download {url} ({type(exc).__name__}). On a machine without "
+            "internet, pass a local copy: --corpus /path/to/timemachine.txt"
+        ) from exc
+
+
+def _fetch_verified(url: str, sha1: str | None, target: Path, timeout: float, retries: int) -> None:
+    """Stream into a temporary file beside ``target``; rename only if the sha1 matches."""
     retry = Retry(total=retries, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504))
-    session.mount("http://", HTTPAdapter(max_retries=retry))
-    session.mount("https://", HTTPAdapter(max_retries=retry))
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     tmp = Path(tmp_name)
     digest = hashlib.sha1()
     try:
-        with os.fdopen(fd, "wb") as out, session.get(url, stream=True, timeout=timeout) as resp:
-            resp.raise_for_status()
-            for chunk in resp.iter_content(_CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
+        with requests.Session() as session:
+            session.mount("http://", HTTPAdapter(max_retries=retry))
+            session.mount("https://", HTTPAdapter(max_retries=retry))
+            with os.fdopen(fd, "wb") as out, session.get(url, stream=True, timeout=timeout) as r:
+                r.raise_for_status()
+                for chunk in r.iter_content(_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
         if sha1 and digest.hexdigest() != sha1:
             raise FlagError(
                 "--corpus-sha1",
@@ -97,14 +116,8 @@ def _download(url: str, sha1: str | None, target: Path, timeout: float, retries:
                 "cached. Check the URL, or pass the checksum you trust.",
             )
         os.replace(tmp, target)
-    except requests.RequestException as exc:
-        raise UserError(
-            f"--corpus: cannot download {url} ({type(exc).__name__}). On a machine without "
-            "internet, pass a local copy: --corpus /path/to/timemachine.txt"
-        ) from exc
     finally:
         tmp.unlink(missing_ok=True)
-    session.close()
 
 
 def tokenize(text: str, preprocess: str) -> list[str]:

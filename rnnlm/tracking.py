@@ -89,7 +89,9 @@ class TrackingSettings:
     registered_model_name: str
     alias: str
     flush_timeout: float = 300.0
-    system_metrics_interval: float = 10.0
+    system_metrics_interval: float | None = (
+        None  # None: $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL or 10 s
+    )
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -243,7 +245,8 @@ class MlflowTracker:
 
             monitor = SystemMetricsMonitor(
                 self._run_id,
-                sampling_interval=self.settings.system_metrics_interval,
+                sampling_interval=self.settings.system_metrics_interval
+                or float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 10)),
                 resume_logging=True,
                 tracking_uri=self.uri,
             )

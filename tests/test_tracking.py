@@ -81,13 +81,18 @@ def trained(server: str, tmp_path_factory, corpus_path: Path) -> Path:
     corpus = work / "timemachine.txt"
     shutil.copy(corpus_path, corpus)  # removed later: sampling must not need it
     out = work / "model"
-    proc = run_job(job_args(corpus, out, "--tracking-uri", server), nproc=2)
+    env = job_env(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
+    proc = run_job(job_args(corpus, out, "--tracking-uri", server), nproc=2, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
 def test_two_rank_job_logs_one_complete_run_to_a_server(server: str, trained: Path) -> None:
-    check_run(MlflowClient(server), trained)
+    client = MlflowClient(server)
+    run = client.get_run(check_run(client, trained))
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        run.data.metrics
+    )
 
 
 def test_embedded_default_store(corpus_path: Path, tmp_path: Path) -> None:

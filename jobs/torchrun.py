@@ -1,0 +1,50 @@
+"""``torchrun`` that keeps a user's mistake recognisable by its exit code.
+
+Same arguments as ``torchrun`` (it *is* torchrun, called in-process)::
+
+    rnnlm-torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29400 -m jobs.train --corpus ...
+
+Why it exists: ``torchrun`` exits 1 whenever a worker fails, whatever the worker's own exit code
+(torch 2.13: workers exiting 2 on a bad flag leave torchrun with exit 1, the same as a crash).
+A Kubernetes ``podFailurePolicy`` sees only the container's exit code, so it could not tell a
+command that can never succeed (retrying it wastes the whole backoff budget) from a crash worth
+retrying. This launcher changes only the exit code:
+
+- the first worker to fail exited 2 (``Error: --flag: ...``): exit 2;
+- another worker failure: exit 1, as torchrun does;
+- torchrun itself was signalled (SIGTERM on preemption or pod deletion): exit 128 + the signal
+  number, the shell's convention, so operators that retry only signal exits (Kubeflow's
+  ``restartPolicy: ExitCode``) see a disruption, not an error.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from torch.distributed import run as torch_run
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from jobs.common import EXIT_USER_ERROR
+
+
+def exit_code(error: ChildFailedError) -> int:
+    """The launcher's exit code for a failed worker group: 2 iff the root cause was a user error."""
+    _rank, first = error.get_first_failure()
+    return EXIT_USER_ERROR if first.exitcode == EXIT_USER_ERROR else 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        torch_run.main(argv)
+    except ChildFailedError as error:
+        # torchrun's own summary (which rank failed, with what exit code), minus the traceback.
+        print(error.format_msg(), file=sys.stderr)
+        sys.exit(exit_code(error))
+    except SignalException as signalled:
+        sys.exit(128 + int(signalled.sigval))
+
+
+if __name__ == "__main__":
+    main()

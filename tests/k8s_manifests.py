@@ -1,0 +1,156 @@
+"""Reading the rendered Kubernetes manifests: kustomize output, and the training launches in it.
+
+A *launch* is one way the manifests start training (Indexed Job, PyTorchJob, TrainJob): the
+training container as the pods will run it, plus the topology torchrun gets (nodes, processes
+per node), read from wherever that launcher keeps it.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+K8S = ROOT / "k8s"
+# Every kustomization directory except components (which render only inside an overlay).
+OVERLAYS = sorted(
+    p.parent.relative_to(K8S).as_posix()
+    for p in K8S.glob("*/kustomization.yaml")
+    if "kind: Component" not in p.read_text()
+)
+TRAINING_OVERLAYS = ["train-job", "pytorchjob", "trainjob"]
+GPU = "nvidia.com/gpu"
+
+Obj = dict[str, Any]
+
+
+@functools.cache
+def render(overlay: str) -> tuple[Obj, ...]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not on PATH: cannot render the kustomize overlays in k8s/")
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(K8S / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, f"kubectl kustomize k8s/{overlay} failed:\n{proc.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
+
+
+def find(objs: tuple[Obj, ...], kind: str, name: str | None = None) -> Obj:
+    hits = [o for o in objs if o["kind"] == kind and name in (None, o["metadata"]["name"])]
+    assert len(hits) == 1, f"expected one {kind} {name or ''}, found {len(hits)}"
+    return hits[0]
+
+
+def pod_specs(obj: Obj) -> Iterator[Obj]:
+    """Every pod spec a workload object carries, whatever its kind."""
+    spec = obj.get("spec", {})
+    if obj["kind"] in ("Job", "Deployment", "StatefulSet"):
+        yield spec["template"]["spec"]
+    elif obj["kind"] == "PyTorchJob":
+        for replica in spec["pytorchReplicaSpecs"].values():
+            yield replica["template"]["spec"]
+    elif obj["kind"] == "ClusterTrainingRuntime":
+        for rjob in spec["template"]["spec"]["replicatedJobs"]:
+            yield rjob["template"]["spec"]["template"]["spec"]
+
+
+def job_specs(obj: Obj) -> Iterator[Obj]:
+    """Every batch/v1 JobSpec an object carries (a Job, or a runtime's replicated jobs)."""
+    if obj["kind"] == "Job":
+        yield obj["spec"]
+    elif obj["kind"] == "ClusterTrainingRuntime":
+        for rjob in obj["spec"]["template"]["spec"]["replicatedJobs"]:
+            yield rjob["template"]["spec"]
+
+
+def containers(objs: tuple[Obj, ...]) -> Iterator[Obj]:
+    for obj in objs:
+        for pod in pod_specs(obj):
+            yield from pod.get("initContainers", [])
+            yield from pod["containers"]
+
+
+def plain_env(container: Obj) -> dict[str, str]:
+    """The container's literal env values (valueFrom entries are left out)."""
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+@dataclass
+class Launch:
+    """One training launch: the container as it will run and the topology torchrun gets."""
+
+    overlay: str
+    kind: str
+    pod: Obj  # the pod spec (for TrainJob: the runtime's, with the TrainJob's fields applied)
+    container: Obj
+    num_nodes: int
+    nproc_per_node: int
+    # PET_* variables the launcher injects (torchrun reads PET_<FLAG> as --<flag>).
+    injected_env: dict[str, str]
+
+    @property
+    def argv(self) -> list[str]:
+        return [*self.container["command"], *self.container.get("args", [])]
+
+    @property
+    def resources(self) -> Obj:
+        return self.container.get("resources", {})
+
+
+def training_launch(overlay: str) -> Launch:
+    objs = render(overlay)
+    kinds = {o["kind"] for o in objs}
+    if "PyTorchJob" in kinds:
+        job = find(objs, "PyTorchJob")
+        replicas = job["spec"]["pytorchReplicaSpecs"]
+        pod = replicas["Worker"]["template"]["spec"]
+        (container,) = [c for c in pod["containers"] if c["name"] == "pytorch"]
+        nodes = sum(r["replicas"] for r in replicas.values())
+        nproc = int(job["spec"]["nprocPerNode"])
+        return Launch(overlay, "PyTorchJob", pod, container, nodes, nproc, _pet(nodes, nproc))
+    if "TrainJob" in kinds:
+        trainjob = find(objs, "TrainJob")
+        runtime = find(objs, "ClusterTrainingRuntime", trainjob["spec"]["runtimeRef"]["name"])
+        (pod,) = pod_specs(runtime)
+        (node,) = [c for c in pod["containers"] if c["name"] == "node"]
+        trainer = trainjob["spec"]["trainer"]
+        # What Trainer does: the TrainJob's trainer fields replace the runtime container's.
+        container = {
+            **node,
+            "image": trainer["image"],
+            "command": trainer["command"],
+            "args": trainer.get("args", []),
+            "resources": trainer.get("resourcesPerNode", {}),
+        }
+        nodes, nproc = int(trainer["numNodes"]), int(trainer["numProcPerNode"])
+        return Launch(overlay, "TrainJob", pod, container, nodes, nproc, _pet(nodes, nproc))
+    job = find(objs, "Job")
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = plain_env(container)
+    return Launch(
+        overlay,
+        "Job",
+        pod,
+        container,
+        int(env["PET_NNODES"]),
+        int(env["PET_NPROC_PER_NODE"]),
+        {},
+    )
+
+
+def _pet(nodes: int, nproc: int) -> dict[str, str]:
+    return {"PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": str(nproc)}

@@ -1,0 +1,376 @@
+"""The Kubernetes manifests, offline: every overlay renders, every object validates against its
+schema, and the project's own rules hold on the rendered YAML (what no schema can see)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import click
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from torch.distributed import run as torch_run
+
+from jobs.common import EXIT_USER_ERROR
+from rnnlm.config import TrainConfig
+from tests.conftest import ROOT
+from tests.k8s_manifests import (
+    GPU,
+    OVERLAYS,
+    TRAINING_OVERLAYS,
+    containers,
+    find,
+    job_specs,
+    plain_env,
+    pod_specs,
+    render,
+    training_launch,
+)
+
+SCHEMAS = ROOT.parent / "shared" / "schemas"
+CRD_FILES = {
+    ("kubeflow.org", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml",
+    ("trainer.kubeflow.org", "TrainJob"): "trainer.kubeflow.org_trainjobs.yaml",
+    ("trainer.kubeflow.org", "ClusterTrainingRuntime"): (
+        "trainer.kubeflow.org_clustertrainingruntimes.yaml"
+    ),
+}
+# podFailurePolicy is GA from 1.31; also check the newest release kubernetes-validate knows.
+K8S_VERSIONS = ["1.31.0", kubernetes_validate.latest_version()]
+ALL_OVERLAYS = [o for o in OVERLAYS if o != "base"]
+OUR_IMAGES = ("rnnlm:", "rnnlm-mlflow:")
+
+
+def test_every_overlay_is_tested() -> None:
+    assert set(ALL_OVERLAYS) >= {
+        "tracking",
+        "sample",
+        *TRAINING_OVERLAYS,
+        *(f"{o}-gpu" for o in TRAINING_OVERLAYS),
+    }
+
+
+# --- rendering and schemas ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_validates(overlay: str) -> None:
+    objs = render(overlay)
+    assert objs, f"k8s/{overlay} renders nothing"
+    for obj in objs:
+        group = obj["apiVersion"].rpartition("/")[0]
+        what = f"k8s/{overlay}: {obj['kind']}/{obj['metadata']['name']}"
+        if (group, obj["kind"]) in CRD_FILES:
+            _validate_custom_resource(obj, what)
+        else:
+            for version in K8S_VERSIONS:
+                try:
+                    kubernetes_validate.validate(obj, version, strict=True)
+                except kubernetes_validate.ValidationError as exc:
+                    pytest.fail(f"{what} is invalid for Kubernetes {version}: {exc.message}")
+
+
+@functools.cache
+def _crd_schema(group: str, kind: str, version: str) -> dict[str, Any]:
+    path = SCHEMAS / CRD_FILES[(group, kind)]
+    if not path.is_file():
+        pytest.fail(f"the CRD schema is missing: {path} (see shared/schemas/README.md)")
+    crd = yaml.safe_load(path.read_text())
+    assert crd["spec"]["names"]["kind"] == kind
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    return _strict(served["schema"]["openAPIV3Schema"])
+
+
+def _strict(schema: Any) -> Any:
+    """The schema with unknown fields refused, as `kubectl apply --validate=strict` does (CRD
+    schemas leave additionalProperties open and let the API server drop unknown fields)."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def _validate_custom_resource(obj: dict[str, Any], what: str) -> None:
+    group, _, version = obj["apiVersion"].rpartition("/")
+    schema = _crd_schema(group, obj["kind"], version)
+    body = copy.deepcopy(obj)
+    body["metadata"] = {}  # the CRD schema says only "object"; core metadata is checked elsewhere
+    errors = sorted(
+        jsonschema.Draft7Validator(schema).iter_errors(body), key=lambda e: list(e.path)
+    )
+    if errors:
+        lines = [f"{'.'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in errors[:10]]
+        pytest.fail(f"{what} does not match its CRD schema:\n" + "\n".join(lines))
+
+
+def test_strict_crd_validation_refuses_unknown_fields() -> None:
+    """The CRD check has teeth: a misspelt field fails it."""
+    job = copy.deepcopy(find(render("pytorchjob"), "PyTorchJob"))
+    job["spec"]["runPolicy"]["backofLimit"] = 3
+    with pytest.raises(pytest.fail.Exception, match="backofLimit"):
+        _validate_custom_resource(job, "misspelt PyTorchJob")
+
+
+# --- every command line is a valid invocation of our CLI --------------------------------------
+
+
+def _cli(module: str) -> click.Command:
+    mod = importlib.import_module(module)
+    (command,) = {v for v in vars(mod).values() if isinstance(v, click.Command)}
+    return command
+
+
+def _parse(command: click.Command, args: list[str]) -> dict[str, Any]:
+    try:
+        with command.make_context(command.name, list(args)) as ctx:
+            return dict(ctx.params)
+    except click.ClickException as exc:
+        pytest.fail(f"{command.name} refuses {args}: {exc.format_message()}")
+
+
+def _parse_torchrun(argv: list[str], env: dict[str, str]) -> Any:
+    """torchrun's own parser; its defaults come from PET_* variables read when it is built."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PET_")}
+    with mock.patch.dict(os.environ, {**clean, **env}, clear=True):
+        return torch_run.get_args_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize("overlay", TRAINING_OVERLAYS + [f"{o}-gpu" for o in TRAINING_OVERLAYS])
+def test_training_command_parses_and_fits_the_topology(overlay: str) -> None:
+    launch = training_launch(overlay)
+    command, *rest = launch.argv
+    assert command == "rnnlm-torchrun", f"{overlay}: train through rnnlm-torchrun (exit codes)"
+    env = {**plain_env(launch.container), **launch.injected_env}
+    args = _parse_torchrun(rest, env)
+    assert args.module and args.training_script == "jobs.train", rest
+    params = _parse(_cli("jobs.train"), args.training_script_args)
+    params["sample_prefixes"] = tuple(params["sample_prefixes"])
+    # torchrun's --nnodes / --nproc-per-node agree with the launcher's replicas
+    assert (int(args.nnodes), int(args.nproc_per_node)) == (
+        launch.num_nodes,
+        launch.nproc_per_node,
+    ), f"{overlay}: torchrun topology != launcher topology"
+    # ... and the global batch splits over all of their processes.
+    TrainConfig(**params).validate(world_size=launch.num_nodes * launch.nproc_per_node)
+
+
+@pytest.mark.parametrize("overlay", ["train-job", "train-job-gpu"])
+def test_indexed_job_topology(overlay: str) -> None:
+    """Pods = nodes, and the rendezvous endpoint is pod 0's stable name behind a headless
+    Service that selects exactly this Job's pods."""
+    objs = render(overlay)
+    job = find(objs, "Job", "rnnlm-train")
+    spec, launch = job["spec"], training_launch(overlay)
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == launch.num_nodes
+    env = plain_env(launch.container)
+    assert env["PET_RDZV_BACKEND"] == "c10d"
+    host, _, port = env["PET_RDZV_ENDPOINT"].rpartition(":")
+    subdomain = launch.pod["subdomain"]
+    assert host == f"{job['metadata']['name']}-0.{subdomain}"
+    service = find(objs, "Service", subdomain)
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+
+
+def test_one_command_line_everywhere() -> None:
+    """The three launchers run the same command, environment and mounts."""
+    launches = [training_launch(o) for o in TRAINING_OVERLAYS]
+    assert len({tuple(launch.argv) for launch in launches}) == 1, [x.argv for x in launches]
+    for name in ("envFrom", "volumeMounts", "securityContext"):
+        values = [launch.container[name] for launch in launches]
+        assert all(v == values[0] for v in values), name
+    shared = {"RNNLM_CHECKPOINT_DIR", "RNNLM_OUTPUT_DIR", "RNNLM_CACHE_DIR", "OMP_NUM_THREADS"}
+    for launch in launches:
+        names = {e["name"] for e in launch.container["env"]}
+        assert shared <= names, (launch.overlay, shared - names)
+
+
+@pytest.mark.parametrize("overlay", TRAINING_OVERLAYS + [f"{o}-gpu" for o in TRAINING_OVERLAYS])
+def test_resources_match_the_processes(overlay: str) -> None:
+    """GPU pods: one process per GPU and the CUDA image; CPU pods: no GPU, the CPU image."""
+    launch = training_launch(overlay)
+    limits = launch.resources.get("limits", {})
+    requests = launch.resources.get("requests", {})
+    assert limits.get("cpu") and limits.get("memory"), f"{overlay}: set CPU and memory limits"
+    if overlay.endswith("-gpu"):
+        assert int(limits[GPU]) == launch.nproc_per_node, f"{overlay}: nproc != GPUs per pod"
+        assert requests.get(GPU, limits[GPU]) == limits[GPU]
+        assert launch.container["image"].endswith("-cuda")
+        assert any(t.get("key") == GPU for t in launch.pod.get("tolerations", []))
+    else:
+        assert GPU not in limits and GPU not in requests
+        assert launch.container["image"].endswith("-cpu")
+
+
+@pytest.mark.parametrize("overlay", TRAINING_OVERLAYS)
+def test_training_pods_have_the_volumes_they_need(overlay: str) -> None:
+    launch = training_launch(overlay)
+    volumes = {v["name"]: v for v in launch.pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in launch.container["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    shared = volumes[mounts["/shared"]]["persistentVolumeClaim"]["claimName"]
+    pvc = find(render(overlay), "PersistentVolumeClaim", shared)
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]  # every node writes checkpoints
+    env = plain_env(launch.container)
+    assert env["RNNLM_CHECKPOINT_DIR"].startswith("/shared/")
+    assert env["RNNLM_OUTPUT_DIR"].startswith("/shared/")
+
+
+def test_sample_job_command_parses() -> None:
+    pytest.importorskip("jobs.sample", reason="jobs.sample (the sampling job) is not here yet")
+    (container,) = containers(render("sample"))
+    command = [*container["command"], *container["args"]]
+    assert command[:3] == ["python", "-m", "jobs.sample"], command
+    _parse(_cli("jobs.sample"), command[3:])
+
+
+def test_tracking_server_command_parses() -> None:
+    mlflow_cli = pytest.importorskip("mlflow.cli", reason="mlflow is not installed here")
+    deployment = find(render("tracking"), "Deployment", "rnnlm-mlflow")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["mlflow"]
+    subcommand, *args = container["args"]
+    params = _parse(mlflow_cli.cli.commands[subcommand], args)
+    assert params["serve_artifacts"] and params["app_name"] == "basic-auth"
+
+
+# --- failure handling --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
+def test_jobs_fail_at_once_on_bad_input_and_retry_disruptions(overlay: str) -> None:
+    for obj in render(overlay):
+        for spec in job_specs(obj):
+            what = f"k8s/{overlay}: {obj['kind']}/{obj['metadata']['name']}"
+            pod = spec["template"]["spec"]
+            # The API refuses podFailurePolicy unless pods never restart in place.
+            assert pod["restartPolicy"] == "Never", what
+            rules = spec["podFailurePolicy"]["rules"]
+            fail = [r for r in rules if r["action"] == "FailJob" and "onExitCodes" in r]
+            assert fail, f"{what}: no FailJob rule on exit codes"
+            for rule in fail:
+                codes = rule["onExitCodes"]
+                assert codes["operator"] == "In" and codes["values"] == [EXIT_USER_ERROR]
+                assert codes["containerName"] in {c["name"] for c in pod["containers"]}, what
+            assert any(
+                r["action"] == "Ignore"
+                and {"type": "DisruptionTarget", "status": "True"} in r.get("onPodConditions", [])
+                for r in rules
+            ), f"{what}: disruptions should not count against backoffLimit"
+            for key in ("backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"):
+                assert spec.get(key), f"{what}: set {key}"
+
+
+def test_pytorchjob_container_and_restart_policy() -> None:
+    for overlay in ("pytorchjob", "pytorchjob-gpu"):
+        job = find(render(overlay), "PyTorchJob")
+        for role, replica in job["spec"]["pytorchReplicaSpecs"].items():
+            names = [c["name"] for c in replica["template"]["spec"]["containers"]]
+            assert "pytorch" in names, f"{overlay} {role}: the operator needs a 'pytorch' container"
+            # ExitCode: retry exits >= 128 (signals), fail on 1-127 (bad input exits 2).
+            assert replica["restartPolicy"] == "ExitCode", f"{overlay} {role}"
+        run_policy = job["spec"]["runPolicy"]
+        for key in ("backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"):
+            assert run_policy.get(key), f"{overlay}: set runPolicy.{key}"
+
+
+def test_trainjob_runtime_does_not_restart_failed_jobs() -> None:
+    """A JobSet restart would rerun bad input; retries belong to the Job (podFailurePolicy)."""
+    runtime = find(render("trainjob"), "ClusterTrainingRuntime")
+    assert runtime["spec"]["template"]["spec"]["failurePolicy"]["maxRestarts"] == 0
+
+
+# --- images and security -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
+def test_images_are_pinned(overlay: str) -> None:
+    objs = render(overlay)
+    images = [c["image"] for c in containers(objs)]
+    images += [o["spec"]["trainer"]["image"] for o in objs if o["kind"] == "TrainJob"]
+    for image in images:
+        name, _, tag = image.rpartition(":")
+        assert "@sha256:" in image or (name and "/" not in tag and tag != "latest"), image
+
+
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
+def test_pods_run_as_non_root_restricted(overlay: str) -> None:
+    """The 'restricted' Pod Security Standard, on every pod the overlay creates."""
+    objs = render(overlay)
+    for obj in objs:
+        for pod in pod_specs(obj):
+            what = f"k8s/{overlay}: {obj['kind']}/{obj['metadata']['name']}"
+            ctx = pod.get("securityContext", {})
+            assert ctx.get("runAsNonRoot") is True and ctx.get("runAsUser", 0) > 0, what
+            assert ctx.get("seccompProfile", {}).get("type") == "RuntimeDefault", what
+            for c in [*pod.get("initContainers", []), *pod["containers"]]:
+                sc = c.get("securityContext", {})
+                assert sc.get("allowPrivilegeEscalation") is False, (what, c["name"])
+                assert sc.get("capabilities", {}).get("drop") == ["ALL"], (what, c["name"])
+                assert sc.get("runAsUser", 1) != 0, (what, c["name"])
+
+
+@pytest.mark.parametrize("overlay", [*TRAINING_OVERLAYS, "sample"])
+def test_mlflow_settings_come_from_the_environment(overlay: str) -> None:
+    objs = render(overlay)
+    env_map = find(objs, "ConfigMap", "rnnlm-env")["data"]
+    assert env_map["MLFLOW_TRACKING_URI"].startswith("http://")
+    tracking = find(render("tracking"), "Service", "rnnlm-mlflow")
+    port = tracking["spec"]["ports"][0]["port"]
+    assert env_map["MLFLOW_TRACKING_URI"] == f"http://{tracking['metadata']['name']}:{port}"
+    ours = [c for c in containers(objs) if c["image"].startswith(OUR_IMAGES)]
+    if overlay == "trainjob":
+        ours = [training_launch(overlay).container]
+    for c in ours:
+        sources = c["envFrom"]
+        assert {"configMapRef": {"name": "rnnlm-env"}} in sources
+        assert {"secretRef": {"name": "rnnlm-mlflow-auth"}} in sources
+        argv = " ".join([*c.get("command", []), *c.get("args", [])])
+        assert "tracking-uri" not in argv and "PASSWORD" not in argv
+
+
+def test_tracking_server() -> None:
+    objs = render("tracking")
+    deployment = find(objs, "Deployment", "rnnlm-mlflow")
+    pod = deployment["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    args = server["args"]
+    assert "--serve-artifacts" in args and "--app-name=basic-auth" in args
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert server[probe]["httpGet"]["path"] == "/health", probe
+    assert server["resources"]["requests"]
+    # Secrets reach the server only through the environment, never its arguments.
+    assert {"secretRef": {"name": "rnnlm-mlflow-server"}} in server["envFrom"]
+    assert not any("postgresql://" in a or "password" in a.lower() for a in args)
+    # The basic-auth config names no password (MLFLOW_AUTH_ADMIN_PASSWORD supplies it).
+    (auth_volume,) = [v for v in pod["volumes"] if "configMap" in v]
+    auth_map = find(objs, "ConfigMap", auth_volume["configMap"]["name"])
+    auth = auth_map["data"]["basic_auth.ini"]
+    assert "admin_password" not in auth
+    db = find(objs, "StatefulSet", "rnnlm-mlflow-db")
+    (postgres,) = db["spec"]["template"]["spec"]["containers"]
+    password = next(e for e in postgres["env"] if e["name"] == "POSTGRES_PASSWORD")
+    assert password["valueFrom"]["secretKeyRef"]["name"] == "rnnlm-mlflow-db"
+    assert db["spec"]["volumeClaimTemplates"]
+
+
+def test_schemas_live_beside_the_repository() -> None:
+    # Kept out of the project on purpose (they are large and versioned by Kubeflow).
+    assert Path(SCHEMAS).is_dir(), f"missing {SCHEMAS} (see shared/schemas/README.md)"

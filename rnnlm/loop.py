@@ -3,6 +3,9 @@
 Each rank trains on its own rows of every minibatch; DDP averages the gradients, so the update
 equals the single-process update on the whole global batch. Loss and token counts stay on the
 device during the epoch (no host sync per step) and are summed over ALL ranks at its end.
+
+A step is run by a :class:`Step`: :class:`EagerStep` (the default; optionally under bf16
+autocast on CUDA) or :class:`GraphedStep` (one CUDA graph replayed per minibatch).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +35,7 @@ class EpochStats:
     rank_tokens_per_s: float  # this rank's share
     grad_norm: float  # mean norm before clipping over the epoch's steps
     lr: float
+    started_at: float = 0.0  # wall-clock time (time.time()) when the epoch's first step began
 
 
 def clip_gradients(params: Sequence[nn.Parameter], max_norm: float) -> Tensor:
@@ -46,6 +51,88 @@ def clip_gradients(params: Sequence[nn.Parameter], max_norm: float) -> Tensor:
     return norm
 
 
+class Step(Protocol):
+    def __call__(self, x: Tensor, y: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
+        """Train on one minibatch from ``state``; return the mean loss and the gradient norm
+        (both detached, on the device) and the new state."""
+        ...
+
+
+class EagerStep:
+    """Forward, loss, backward, clipping and SGD, as ``train_epoch_ch8`` does them."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        module: RNNLM,
+        optimizer: torch.optim.Optimizer,
+        clip: float,
+        autocast: torch.dtype | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.clip = model, optimizer, clip
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.autocast = autocast
+
+    def __call__(self, x: Tensor, y: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
+        targets = y.T.reshape(-1)  # time-major, matching the logits (T*B,)
+        with torch.autocast(
+            x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None
+        ):
+            logits, state = self.model(x, state)
+            loss = F.cross_entropy(logits.float(), targets)  # mean over this rank's targets
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # DDP averages gradients over ranks: the mean over the global batch
+        norm = clip_gradients(self.params, self.clip)
+        self.optimizer.step()
+        return loss.detach(), norm, state
+
+
+class GraphedStep:
+    """The whole :class:`EagerStep` captured once as a CUDA graph and replayed per minibatch:
+    one launch instead of hundreds of kernel launches. Inputs and state are copied into fixed
+    buffers before each replay; the replay computes exactly what the eager step computes.
+
+    Single process only (the capture does not include DDP's collectives).
+    """
+
+    def __init__(self, eager: EagerStep, module: RNNLM, batch: int, steps: int) -> None:
+        device = next(module.parameters()).device
+        self.x = torch.zeros((batch, steps), dtype=torch.long, device=device)
+        self.y = torch.zeros((batch, steps), dtype=torch.long, device=device)
+        self.state_in = module.begin_state(batch, device)
+        # Warm-up iterations (required before capture) must not move the weights.
+        saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                eager(self.x, self.y, self.state_in)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            module.load_state_dict(saved)
+        eager.optimizer.zero_grad(set_to_none=True)  # gradients then live in the graph's pool
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss, self.norm, self.state_out = eager(self.x, self.y, self.state_in)
+
+    def __call__(self, x: Tensor, y: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
+        self.x.copy_(x)
+        self.y.copy_(y)
+        _copy_state(self.state_in, state)
+        self.graph.replay()
+        return self.loss, self.norm, self.state_out
+
+
+def _copy_state(dst: State, src: State) -> None:
+    if isinstance(dst, tuple) and isinstance(src, tuple):
+        dst[0].copy_(src[0])
+        dst[1].copy_(src[1])
+    elif isinstance(dst, Tensor) and isinstance(src, Tensor):
+        dst.copy_(src)
+    else:
+        raise TypeError("state kinds differ")
+
+
 def train_epoch(
     model: nn.Module,
     module: RNNLM,
@@ -55,15 +142,22 @@ def train_epoch(
     reset_state_every_batch: bool,
     info: DistInfo,
     epoch: int,
+    step: Step | None = None,
+    step_losses: list[Tensor] | None = None,
 ) -> EpochStats:
-    """Train over ``batches`` (this rank's rows). ``model`` may be the DDP wrapper of ``module``."""
+    """Train over ``batches`` (this rank's rows). ``model`` may be the DDP wrapper of ``module``.
+
+    ``step`` runs one minibatch (default: an :class:`EagerStep`); ``step_losses``, when given,
+    receives every step's loss as a device tensor (nothing is synchronised to collect it).
+    """
     device = info.device
-    params = [p for p in module.parameters() if p.requires_grad]
+    step = step or EagerStep(model, module, optimizer, clip)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     norm_sum = torch.zeros((), device=device)
     num_steps = 0
     num_local_tokens = 0
     state: State | None = None
+    started_at = time.time()
     start = time.perf_counter()
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -73,15 +167,12 @@ def train_epoch(
             # Truncated BPTT: keep the values of the carried state (row b continues the same
             # text) but cut the graph, so backward stops at this minibatch's first step.
             state = detach_state(state)
-        targets = y.T.reshape(-1)  # time-major, matching the logits (T*B,)
-        logits, state = model(x, state)
-        loss = F.cross_entropy(logits, targets)  # mean over this rank's T*B/W targets
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages gradients over ranks: the mean over the global batch
-        norm_sum += clip_gradients(params, clip)
-        optimizer.step()
-        loss_sum += loss.detach() * targets.numel()
-        num_local_tokens += targets.numel()
+        loss, norm, state = step(x, y, state)
+        norm_sum += norm
+        loss_sum += loss * y.numel()
+        if step_losses is not None:
+            step_losses.append(loss.clone())
+        num_local_tokens += y.numel()
         num_steps += 1
     rank_seconds = time.perf_counter() - start
     totals = torch.stack(
@@ -99,4 +190,5 @@ def train_epoch(
         rank_tokens_per_s=num_local_tokens / rank_seconds,
         grad_norm=norm_sum.item() / max(num_steps, 1),
         lr=optimizer.param_groups[0]["lr"],
+        started_at=started_at,
     )

@@ -23,7 +23,7 @@ from rnnlm.config import TrainConfig
 from rnnlm.distributed import DistInfo
 from rnnlm.errors import FlagError
 from rnnlm.generate import generate
-from rnnlm.loop import EpochStats, train_epoch
+from rnnlm.loop import EagerStep, EpochStats, GraphedStep, Step, train_epoch
 from rnnlm.model import RNNLM
 from rnnlm.tracking import NullTracker, Tracker
 from rnnlm.vocab import Vocab
@@ -92,6 +92,20 @@ def build_model(config: TrainConfig, vocab_size: int, info: DistInfo) -> tuple[R
     return module, DistributedDataParallel(module, device_ids=device_ids)
 
 
+def make_step(
+    config: TrainConfig,
+    model: nn.Module,
+    module: RNNLM,
+    optimizer: torch.optim.Optimizer,
+    info: DistInfo,
+) -> Step:
+    autocast = torch.bfloat16 if config.autocast == "bf16" else None
+    eager = EagerStep(model, module, optimizer, config.clip, autocast)
+    if not config.cuda_graphs:
+        return eager
+    return GraphedStep(eager, module, config.batch_size // info.world_size, config.num_steps)
+
+
 class Progress:
     """Rank 0's view of training: a bar on a terminal, log lines otherwise."""
 
@@ -133,6 +147,7 @@ def train(config: TrainConfig, info: DistInfo, tracker: Tracker | None = None) -
     Every rank runs this; only the main rank samples, reports and writes the model.
     """
     config.validate(info.world_size)
+    config.validate_device(info.device.type)
     tracker = tracker or NullTracker()
     output_dir = Path(config.output_dir)
     if info.is_main:
@@ -141,6 +156,8 @@ def train(config: TrainConfig, info: DistInfo, tracker: Tracker | None = None) -
     check_corpus_length(len(data.train_ids), config.batch_size, config.num_steps, info.world_size)
     module, model = build_model(config, len(data.vocab), info)
     optimizer = torch.optim.SGD(module.parameters(), lr=config.lr)
+    step = make_step(config, model, module, optimizer, info)
+    train_ids = data.train_ids.to(info.device)  # minibatches are views: no copy per step
     rng = random.Random(config.seed)  # shared: every rank draws the same offsets and shuffles
     result = TrainResult(module=module, vocab=data.vocab)
     progress = Progress(config.epochs, config.log_every, enabled=info.is_main)
@@ -155,7 +172,7 @@ def train(config: TrainConfig, info: DistInfo, tracker: Tracker | None = None) -
     try:
         for epoch in range(1, config.epochs + 1):
             batches = epoch_batches(
-                data.train_ids,
+                train_ids,
                 config.batch_size,
                 config.num_steps,
                 config.sampling,
@@ -172,6 +189,7 @@ def train(config: TrainConfig, info: DistInfo, tracker: Tracker | None = None) -
                 reset_state_every_batch=config.sampling == "random",
                 info=info,
                 epoch=epoch,
+                step=step,
             )
             result.history.append(stats)
             tracker.log_epoch(stats)
@@ -201,6 +219,9 @@ def train(config: TrainConfig, info: DistInfo, tracker: Tracker | None = None) -
                 "corpus_sha1": data.sha1,
                 "world_size": info.world_size,
                 "perplexity_by_epoch": [s.perplexity for s in result.history],
+                "seconds_by_epoch": [s.seconds for s in result.history],
+                "tokens_by_epoch": [s.num_tokens for s in result.history],
+                "first_step_time": result.history[0].started_at,  # time.time() seconds
             },
         )
         tracker.log_model(result.model_dir, summary)

@@ -120,7 +120,7 @@ def train_epoch_ch8(
         updater.step()
         metric.add(loss_value * y.numel(), y.numel())
         if step_losses is not None:
-            step_losses.append(float(loss_value))
+            step_losses.append(float(loss_value.detach()))
     seconds = time.perf_counter() - start
     return math.exp(metric.data[0] / metric.data[1]), metric.data[1] / seconds, metric.data[1]
 

@@ -47,7 +47,7 @@ from rnnlm import reference  # noqa: E402
 from rnnlm.batching import epoch_batches  # noqa: E402
 from rnnlm.config import ModelConfig  # noqa: E402
 from rnnlm.distributed import DistInfo  # noqa: E402
-from rnnlm.loop import EagerStep, GraphedStep, Step, train_epoch  # noqa: E402
+from rnnlm.loop import SGD, EagerStep, GraphedStep, Step, train_epoch  # noqa: E402
 from rnnlm.model import RNNLM  # noqa: E402
 from rnnlm.vocab import Vocab  # noqa: E402
 
@@ -112,7 +112,7 @@ class Trainer:
             return
         torch.manual_seed(SEED)
         self.module = RNNLM(ModelConfig(vocab_size)).to(device)
-        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=LR)
+        self.optimizer = SGD(self.module.parameters(), lr=LR)
         autocast = torch.bfloat16 if "bf16" in name else None
         eager = EagerStep(self.module, self.module, self.optimizer, CLIP, autocast)
         self.step: Step = eager

@@ -23,7 +23,7 @@ from rnnlm.config import TrainConfig
 from rnnlm.distributed import DistInfo
 from rnnlm.errors import FlagError
 from rnnlm.generate import generate
-from rnnlm.loop import EagerStep, EpochStats, GraphedStep, Step, train_epoch
+from rnnlm.loop import SGD, EagerStep, EpochStats, GraphedStep, Optimizer, Step, train_epoch
 from rnnlm.model import RNNLM
 from rnnlm.tracking import NullTracker, Tracker
 from rnnlm.vocab import Vocab
@@ -96,7 +96,7 @@ def make_step(
     config: TrainConfig,
     model: nn.Module,
     module: RNNLM,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     info: DistInfo,
 ) -> Step:
     autocast = torch.bfloat16 if config.autocast == "bf16" else None
@@ -155,7 +155,7 @@ def train(config: TrainConfig, info: DistInfo, tracker: Tracker | None = None) -
     data = load_dataset(config)
     check_corpus_length(len(data.train_ids), config.batch_size, config.num_steps, info.world_size)
     module, model = build_model(config, len(data.vocab), info)
-    optimizer = torch.optim.SGD(module.parameters(), lr=config.lr)
+    optimizer = SGD(module.parameters(), lr=config.lr)  # torch.optim's numbers, faster start
     step = make_step(config, model, module, optimizer, info)
     train_ids = data.train_ids.to(info.device)  # minibatches are views: no copy per step
     rng = random.Random(config.seed)  # shared: every rank draws the same offsets and shuffles

@@ -16,7 +16,7 @@ from rnnlm.config import ModelConfig, TrainConfig
 from rnnlm.corpus import tokenize
 from rnnlm.distributed import DistInfo
 from rnnlm.errors import FlagError
-from rnnlm.loop import EagerStep, GraphedStep, Step, train_epoch
+from rnnlm.loop import SGD, EagerStep, GraphedStep, Step, train_epoch
 from rnnlm.model import RNNLM
 from tests.conftest import ROOT, run_job
 
@@ -94,7 +94,7 @@ def _losses(step_kind: str, epochs: int = 2) -> list[float]:
     device = torch.device("cuda")
     torch.manual_seed(0)
     module = RNNLM(ModelConfig(28, num_hiddens=64)).to(device)
-    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    optimizer = SGD(module.parameters(), lr=1.0)
     autocast = torch.bfloat16 if "bf16" in step_kind else None
     step: Step = EagerStep(module, module, optimizer, 1.0, autocast)
     if "graphs" in step_kind:

@@ -19,7 +19,7 @@ from rnnlm.batching import epoch_batches
 from rnnlm.config import ModelConfig
 from rnnlm.corpus import load_tokens
 from rnnlm.distributed import DistInfo
-from rnnlm.loop import train_epoch
+from rnnlm.loop import SGD, train_epoch
 from rnnlm.model import RNNLM
 from rnnlm.vocab import Vocab
 
@@ -48,7 +48,7 @@ def _job_losses(vocab: Vocab, ids: list[int], seed: int) -> list[float]:
     torch.manual_seed(seed)  # as pipeline.build_model does
     module = RNNLM(ModelConfig(len(vocab)))
     assert module.fast_cpu
-    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    optimizer = SGD(module.parameters(), lr=1.0)  # the job's optimiser
     rng, corpus = random.Random(seed), torch.tensor(ids)
     losses: list[torch.Tensor] = []
     epoch = 0

@@ -34,6 +34,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -122,31 +123,50 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def launch(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, float, float, float]:
-    """Run ``cmd``; return (exit code, launch time, wall seconds, peak RSS in MB)."""
+def launch(
+    cmd: list[str], env: dict[str, str], log: Path, timeout: float
+) -> tuple[int | None, float, float, float]:
+    """Run ``cmd``; return (exit code or None if it ran past ``timeout`` seconds, launch time,
+    wall seconds, peak RSS in MB)."""
     with log.open("w") as out:
         launched = time.time()
         start = time.perf_counter()
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
-        # wait4 gives this child's own usage; ru_maxrss covers its waited-for children too,
-        # so for torchrun it is the peak of the largest of launcher and ranks (KB on Linux).
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        code: int | None = None
+        try:
+            while True:
+                # wait4 gives this child's own usage; ru_maxrss covers its waited-for children
+                # too, so for torchrun it is the peak of the largest of launcher and ranks.
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    code = os.waitstatus_to_exitcode(status)
+                    break
+                if time.perf_counter() - start > timeout:
+                    proc.terminate()
+                    _, _, usage = os.wait4(proc.pid, 0)
+                    break
+                time.sleep(0.02)
+        except BaseException:  # interrupted: do not leave the job running
+            proc.terminate()
+            proc.wait()
+            raise
+        proc.returncode = code
         wall = time.perf_counter() - start
-    return proc.returncode, launched, wall, usage.ru_maxrss / 1024
+    return code, launched, wall, usage.ru_maxrss / 1024  # KB on Linux
 
 
-def measure(config: Config, scratch: Path) -> Run:
+def measure(config: Config, scratch: Path, timeout: float) -> Run:
     work = Path(tempfile.mkdtemp(dir=scratch, prefix=f"{config.name}-"))
     env = {**base_env(), **config.env}
     log = work / "log.txt"
-    code, launched, wall, rss = launch(config.command(work), env, log)
+    code, launched, wall, rss = launch(config.command(work), env, log, timeout)
     if code != 0:
+        why = f"ran past {timeout:.0f} s" if code is None else f"exit {code}"
         tail = log.read_text()[-1500:]
         shutil.rmtree(work, ignore_errors=True)
-        return Run(ok=False, wall_s=wall, peak_rss_mb=rss, error=f"exit {code}: {tail}")
+        return Run(ok=False, wall_s=wall, peak_rss_mb=rss, error=f"{why}: {tail}")
     info = json.loads(config.result_file(work).read_text())
     seconds, tokens = info["seconds_by_epoch"][1:], info["tokens_by_epoch"][1:]
     shutil.rmtree(work, ignore_errors=True)
@@ -296,10 +316,10 @@ def bench_sampling(corpus: Path, num_chars: int, reps: int) -> dict[str, Any]:
     }
 
 
-def run_repetitions(configs: list[Config], reps: int, scratch: Path) -> None:
+def run_repetitions(configs: list[Config], reps: int, scratch: Path, timeout: float) -> None:
     for rep in range(reps):
         for config in configs:
-            run = measure(config, scratch)
+            run = measure(config, scratch, timeout)
             config.runs.append(run)
             shown = f"{run.tokens_per_s:,.0f} tokens/s" if run.ok and run.tokens_per_s else "FAILED"
             print(f"  rep {rep + 1}/{reps} {config.name:<22} {shown}", flush=True)
@@ -349,11 +369,11 @@ def report_configs(configs: list[Config]) -> dict[str, Any]:
     return out
 
 
-def time_to_result(configs: list[Config], scratch: Path) -> dict[str, Any]:
+def time_to_result(configs: list[Config], scratch: Path, timeout: float) -> dict[str, Any]:
     """The chapter's whole run (500 epochs) per configuration: command to exit."""
     result = {}
     for config in configs:
-        run = measure(config, scratch)
+        run = measure(config, scratch, timeout)
         result[config.name] = {
             "ok": run.ok,
             "wall_s": run.wall_s,
@@ -389,12 +409,17 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # A terminated benchmark stops the command it is timing (see launch).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few epochs and repetitions")
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu.json")
     parser.add_argument("--reps", type=int, help="repetitions per configuration")
     parser.add_argument("--epochs", type=int, help="epochs per training run")
+    parser.add_argument(
+        "--timeout", type=float, default=900, help="seconds before one command counts as failed"
+    )
     args = parser.parse_args(argv)
     if not args.corpus.is_file():
         parser.error(f"corpus not found: {args.corpus} (pass --corpus PATH)")
@@ -429,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: {note}")
     with tempfile.TemporaryDirectory(prefix="rnnlm-bench-") as scratch:
         print(f"training throughput: {epochs} epochs x {reps} repetitions, interleaved")
-        run_repetitions(configs, reps, Path(scratch))
+        run_repetitions(configs, reps, Path(scratch), args.timeout)
         result["training"] = report_configs(configs)
         print_table(result["training"])
         print("\nsampling (greedy, characters/s)")
@@ -440,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\ntime to the chapter's result ({CHAPTER_EPOCHS} epochs, command to exit)")
             full, _ = job_configs(args.corpus, CHAPTER_EPOCHS, help_text)
             chosen = [c for c in full if c.name in ("chapter", "ours_1proc", "ours_2ranks")]
-            result["time_to_result"] = time_to_result(chosen, Path(scratch))
+            result["time_to_result"] = time_to_result(chosen, Path(scratch), args.timeout)
     result["notes"] = notes
     result["load_average_at_end"] = load_average()
     result["seconds"] = time.time() - started

@@ -139,6 +139,18 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     help="Seconds a collective waits for a lost peer before the job fails.",
 )
 @click.option(
+    "--autocast",
+    type=click.Choice(["off", "bf16"]),
+    default=D.autocast,
+    help="CUDA only: bf16 autocast of the forward pass (off: exact fp32).",
+)
+@click.option(
+    "--cuda-graphs",
+    is_flag=True,
+    default=D.cuda_graphs,
+    help="CUDA only, one process: replay the training step as one captured CUDA graph.",
+)
+@click.option(
     "--output-dir",
     default=D.output_dir,
     envvar="RNNLM_OUTPUT_DIR",

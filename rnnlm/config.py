@@ -70,6 +70,9 @@ class TrainConfig:
     # Execution and output.
     device: str = "auto"
     dist_timeout: float = 300.0  # seconds before a lost peer fails the job
+    # CUDA-only speed options; the defaults are the exact fp32 computation.
+    autocast: str = "off"  # "bf16": bfloat16 autocast of the forward pass
+    cuda_graphs: bool = False  # capture the training step once, replay it per minibatch
     output_dir: str = "runs/rnnlm"
     # Fault tolerance: resume from the newest checkpoint in checkpoint_dir (None: none kept).
     checkpoint_dir: str | None = None
@@ -175,9 +178,37 @@ class TrainConfig:
                 f"processes; pass a multiple of {world_size} (e.g. "
                 f"{max(world_size, self.batch_size // world_size * world_size)}).",
             )
+        if self.autocast not in ("off", "bf16"):
+            raise FlagError("--autocast", f"got {self.autocast!r}; choose 'off' or 'bf16'.")
+        if self.cuda_graphs and world_size > 1:
+            raise FlagError(
+                "--cuda-graphs",
+                f"the captured step runs in one process, not {world_size}; drop the flag or "
+                "run without torchrun.",
+            )
+        if self.device == "cpu":
+            self.validate_device("cpu")
         if self.corpus_sha1 is not None and not _is_sha1(self.corpus_sha1):
             raise FlagError(
                 "--corpus-sha1", f"{self.corpus_sha1!r} is not a 40-digit hex sha1 checksum."
+            )
+
+    def validate_device(self, device_type: str) -> None:
+        """Refuse the CUDA-only options once the device is known (``--device auto`` may
+        resolve to the CPU)."""
+        if device_type == "cuda":
+            return
+        if self.autocast != "off":
+            raise FlagError(
+                "--autocast",
+                f"bf16 autocast is a CUDA option and this job runs on {device_type}; "
+                "drop the flag or use --device cuda.",
+            )
+        if self.cuda_graphs:
+            raise FlagError(
+                "--cuda-graphs",
+                f"CUDA graphs need a CUDA device and this job runs on {device_type}; "
+                "drop the flag or use --device cuda.",
             )
 
 

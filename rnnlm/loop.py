@@ -3,14 +3,18 @@
 Each rank trains on its own rows of every minibatch; DDP averages the gradients, so the update
 equals the single-process update on the whole global batch. Loss and token counts stay on the
 device during the epoch (no host sync per step) and are summed over ALL ranks at its end.
+
+A step is run by a :class:`Step`: :class:`EagerStep` (the default; optionally under bf16
+autocast on CUDA) or :class:`GraphedStep` (one CUDA graph replayed per minibatch).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +36,7 @@ class EpochStats:
     rank_tokens_per_s: float  # this rank's share
     grad_norm: float  # mean norm before clipping over the epoch's steps
     lr: float
+    started_at: float = 0.0  # wall-clock time (time.time()) when the epoch's first step began
 
 
 def clip_gradients(params: Sequence[nn.Parameter], max_norm: float) -> Tensor:
@@ -45,6 +50,131 @@ def clip_gradients(params: Sequence[nn.Parameter], max_norm: float) -> Tensor:
     scale = torch.clamp(max_norm / norm, max=1.0)
     torch._foreach_mul_(grads, scale)
     return norm
+
+
+class Optimizer(Protocol):
+    param_groups: list[dict[str, Any]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+    def step(self) -> Any: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class SGD:
+    """The chapter's optimiser, ``p <- p - lr * grad`` (``torch.optim.SGD`` without momentum or
+    weight decay, which computes ``p.add_(grad, alpha=-lr)``: the same numbers).
+
+    Why not ``torch.optim.SGD``: constructing any ``torch.optim`` optimiser imports torch's
+    compiler stack, about a second of every job's start-up, for features this job never uses.
+    ``state_dict`` follows ``torch.optim``'s layout (no per-parameter state).
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float) -> None:
+        self.params = list(params)
+        self.param_groups: list[dict[str, Any]] = [{"params": self.params, "lr": lr}]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        with_grad: list[Tensor] = [p for p in self.params if p.grad is not None]
+        grads = [p.grad for p in with_grad if p.grad is not None]
+        torch._foreach_add_(with_grad, grads, alpha=-self.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        group = {"lr": self.param_groups[0]["lr"], "params": list(range(len(self.params)))}
+        return {"state": {}, "param_groups": [group]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.param_groups[0]["lr"] = state["param_groups"][0]["lr"]
+
+
+class Step(Protocol):
+    def __call__(self, x: Tensor, y: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
+        """Train on one minibatch from ``state``; return the mean loss and the gradient norm
+        (both detached, on the device) and the new state."""
+        ...
+
+
+class EagerStep:
+    """Forward, loss, backward, clipping and SGD, as ``train_epoch_ch8`` does them."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        module: RNNLM,
+        optimizer: Optimizer,
+        clip: float,
+        autocast: torch.dtype | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.clip = model, optimizer, clip
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.autocast = autocast
+
+    def __call__(self, x: Tensor, y: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
+        targets = y.T.reshape(-1)  # time-major, matching the logits (T*B,)
+        with torch.autocast(
+            x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None
+        ):
+            logits, state = self.model(x, state)
+            loss = F.cross_entropy(logits.float(), targets)  # mean over this rank's targets
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # DDP averages gradients over ranks: the mean over the global batch
+        norm = clip_gradients(self.params, self.clip)
+        self.optimizer.step()
+        return loss.detach(), norm, state
+
+
+class GraphedStep:
+    """The whole :class:`EagerStep` captured once as a CUDA graph and replayed per minibatch:
+    one launch instead of hundreds of kernel launches. Inputs and state are copied into fixed
+    buffers before each replay; the replay computes exactly what the eager step computes.
+
+    Single process only (the capture does not include DDP's collectives).
+    """
+
+    def __init__(self, eager: EagerStep, module: RNNLM, batch: int, steps: int) -> None:
+        device = next(module.parameters()).device
+        self.x = torch.zeros((batch, steps), dtype=torch.long, device=device)
+        self.y = torch.zeros((batch, steps), dtype=torch.long, device=device)
+        self.state_in = module.begin_state(batch, device)
+        # Warm-up iterations (required before capture) must not move the weights.
+        saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                eager(self.x, self.y, self.state_in)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            module.load_state_dict(saved)
+        eager.optimizer.zero_grad(set_to_none=True)  # gradients then live in the graph's pool
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss, self.norm, self.state_out = eager(self.x, self.y, self.state_in)
+
+    def __call__(self, x: Tensor, y: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
+        self.x.copy_(x)
+        self.y.copy_(y)
+        _copy_state(self.state_in, state)
+        self.graph.replay()
+        return self.loss, self.norm, self.state_out
+
+
+def _copy_state(dst: State, src: State) -> None:
+    if isinstance(dst, tuple) and isinstance(src, tuple):
+        dst[0].copy_(src[0])
+        dst[1].copy_(src[1])
+    elif isinstance(dst, Tensor) and isinstance(src, Tensor):
+        dst.copy_(src)
+    else:
+        raise TypeError("state kinds differ")
 
 
 class NonFiniteLoss(UserError):
@@ -89,24 +219,29 @@ def train_epoch(
     model: nn.Module,
     module: RNNLM,
     batches: Sequence[Minibatch],
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     clip: float,
     reset_state_every_batch: bool,
     info: DistInfo,
     epoch: int,
+    step: Step | None = None,
+    step_losses: list[Tensor] | None = None,
     progress: EpochProgress | None = None,
     after_step: Callable[[EpochProgress], None] | None = None,
 ) -> EpochStats:
     """Train over ``batches`` (this rank's rows). ``model`` may be the DDP wrapper of ``module``.
 
+    ``step`` runs one minibatch (default: an :class:`EagerStep`); ``step_losses``, when given,
+    receives every step's loss as a device tensor (nothing is synchronised to collect it).
     ``progress`` resumes an epoch part-way (its first ``progress.step`` minibatches are
     skipped); ``after_step`` sees the progress after every minibatch (checkpoints, preemption).
     """
     device = info.device
-    params = [p for p in module.parameters() if p.requires_grad]
+    step = step or EagerStep(model, module, optimizer, clip)
     progress = progress or EpochProgress.start(device)
-    start = time.perf_counter()
     tokens_before = progress.num_tokens
+    started_at = time.time()
+    start = time.perf_counter()
     for x, y in batches[progress.step :]:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         state = progress.state
@@ -116,32 +251,29 @@ def train_epoch(
             # Truncated BPTT: keep the values of the carried state (row b continues the same
             # text) but cut the graph, so backward stops at this minibatch's first step.
             state = detach_state(state)
-        targets = y.T.reshape(-1)  # time-major, matching the logits (T*B,)
-        logits, state = model(x, state)
-        loss = F.cross_entropy(logits, targets)  # mean over this rank's T*B/W targets
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages gradients over ranks: the mean over the global batch
-        progress.norm_sum += clip_gradients(params, clip)
-        optimizer.step()
-        loss = loss.detach()
-        progress.loss_sum += loss * targets.numel()
+        loss, norm, state = step(x, y, state)
+        progress.norm_sum += norm
+        progress.loss_sum += loss * y.numel()
         progress.step += 1
-        progress.num_tokens += targets.numel()
+        progress.num_tokens += y.numel()
         progress.state = state
         progress.bad_step = torch.where(
             torch.isfinite(loss) | (progress.bad_step >= 0), progress.bad_step, progress.step
         )
+        if step_losses is not None:
+            step_losses.append(loss.clone())
         if after_step is not None:
             after_step(progress)
     progress.check_finite(epoch)
     rank_seconds = time.perf_counter() - start
     rank_tokens_now = progress.num_tokens - tokens_before  # a resumed epoch ran only part
-    totals = torch.tensor(
-        [0.0, float(progress.num_tokens), float(rank_tokens_now)],
-        device=device,
-        dtype=torch.float64,
+    totals = torch.stack(
+        [
+            progress.loss_sum,
+            torch.tensor(float(progress.num_tokens), device=device, dtype=torch.float64),
+            torch.tensor(float(rank_tokens_now), device=device, dtype=torch.float64),
+        ]
     )
-    totals[0] = progress.loss_sum
     all_reduce_sum(totals, info)
     seconds = time.perf_counter() - start
     total_loss, total_tokens, tokens_now = totals.tolist()
@@ -154,4 +286,5 @@ def train_epoch(
         rank_tokens_per_s=rank_tokens_now / rank_seconds,
         grad_norm=progress.norm_sum.item() / max(progress.step, 1),
         lr=optimizer.param_groups[0]["lr"],
+        started_at=started_at,
     )

@@ -1,11 +1,21 @@
 """The chapter's RNN language model: one-hot characters -> recurrent layers -> linear head.
 
 The model knows nothing of parallelism; DDP wraps it from outside.
+
+On the CPU, the chapter's cell (``rnn``, tanh, no dropout) takes a faster route to the same
+numbers (see :class:`TanhRecurrence`): ``one_hot(x) @ W_ih^T`` is exactly the row lookup
+``W_ih^T[x]``, and the backward pass through time is written out so that the weight gradients
+are one large matrix product instead of one small product per time step. The parameters are
+still those of ``nn.RNN``, so the state_dict is unchanged. On CUDA, and for GRU/LSTM, the
+framework's layer (cuDNN on a GPU) runs as in the chapter.
+
 Shape legend: ``B`` batch rows, ``T`` time steps, ``V`` vocabulary size, ``H`` hidden units,
 ``L`` layers.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,11 +47,38 @@ class RNNLM(nn.Module):
         )
         self.linear = nn.Linear(config.num_hiddens, config.vocab_size)
 
+        # The hand-written CPU path for the chapter's cell; switch it off to run ``nn.RNN``.
+        self.fast_cpu = config.cell == "rnn" and (config.num_layers == 1 or config.dropout == 0)
+
     def forward(self, inputs: Tensor, state: State) -> tuple[Tensor, State]:
         """``inputs`` (B, T) token ids -> logits (T*B, V) in time-major order, new state."""
-        x = F.one_hot(inputs.T.long(), self.config.vocab_size).to(torch.float32)  # (T, B, V)
-        y, state = self.rnn(x, state)  # y: (T, B, H)
+        if self.fast_cpu and inputs.device.type == "cpu" and isinstance(state, Tensor):
+            y, state = self._tanh_layers(inputs.T.long(), state)
+        else:
+            x = F.one_hot(inputs.T.long(), self.config.vocab_size).to(torch.float32)  # (T, B, V)
+            y, state = self.rnn(x, state)  # y: (T, B, H)
         return self.linear(y.reshape(-1, y.shape[-1])), state
+
+    def _tanh_layers(self, ids: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """``nn.RNN``'s CPU computation, layer by layer: the input projection of the whole
+        sequence first (for layer 0 a row lookup, exact for one-hot inputs), then the
+        recurrence. ``ids`` (T, B), ``state`` (L, B, H) -> outputs (T, B, H), state (L, B, H)."""
+        finals = []
+        y = ids
+        for layer in range(self.config.num_layers):
+            w_ih = getattr(self.rnn, f"weight_ih_l{layer}")
+            b_ih = getattr(self.rnn, f"bias_ih_l{layer}")
+            w_hh = getattr(self.rnn, f"weight_hh_l{layer}")
+            b_hh = getattr(self.rnn, f"bias_hh_l{layer}")
+            if layer == 0:
+                # one_hot(y) @ W_ih^T + b_ih picks row y of W_ih^T and adds b_ih: the same
+                # single rounding as looking the row up in the (V, H) table W_ih^T + b_ih.
+                pre = F.embedding(y, (w_ih.t() + b_ih).contiguous())  # rows gather fast
+            else:
+                pre = F.linear(y, w_ih, b_ih)
+            y, h_last = TanhRecurrence.apply(pre, state[layer], w_hh, b_hh)
+            finals.append(h_last)
+        return y, torch.stack(finals)
 
     def begin_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         """Zeros of shape (L, B, H); a pair of them for an LSTM."""
@@ -49,6 +86,61 @@ class RNNLM(nn.Module):
         if self.config.cell == "lstm":
             return (torch.zeros(shape, device=device), torch.zeros(shape, device=device))
         return torch.zeros(shape, device=device)
+
+
+class TanhRecurrence(torch.autograd.Function):
+    """``h_t = tanh(pre_t + h_{t-1} W_hh^T + b_hh)`` for t = 1..T, with backprop through time
+    written out.
+
+    The forward pass performs ``nn.RNN``'s CPU operations in the same order (``addmm`` with the
+    bias, add the projected input, ``tanh``). The backward pass keeps only what is truly
+    sequential in the loop -- ``dh_{t-1} = dz_t W_hh`` -- and computes the weight gradient
+    ``sum_t dz_t^T h_{t-1}`` as ONE (H x T*B) @ (T*B x H) product after it, where autograd
+    would run T small products and T accumulations. Same sums, different order of the float
+    additions: differences at round-off level (tests/test_numerics.py bounds them).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, pre: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        num_steps, batch, hidden = pre.shape
+        # hs[0] = h_0, hs[t] = h_t: the outputs and, shifted by one, every step's previous
+        # state (needed for the weight gradient) in one buffer, without a copy.
+        hs = pre.new_empty(num_steps + 1, batch, hidden)
+        hs[0] = h0
+        w_t = w_hh.t()
+        for t in range(num_steps):
+            h = torch.addmm(b_hh, hs[t], w_t, out=hs[t + 1])
+            h.add_(pre[t]).tanh_()
+        ctx.save_for_backward(hs, w_hh)
+        ctx.set_materialize_grads(False)
+        return hs[1:], hs[-1].clone()
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: Tensor | None, grad_last: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        hs, w_hh = ctx.saved_tensors
+        out = hs[1:]
+        num_steps, hidden = out.shape[0], out.shape[-1]
+        local = 1 - out * out  # tanh'(z_t), as tanh_backward computes it
+        dz = torch.empty_like(out)
+        dh = grad_last
+        for t in range(num_steps - 1, -1, -1):
+            # dL/dh_t comes from the output at t and from step t+1; dL/dz_t = that * tanh'.
+            if grad_out is None:
+                dz[t] = 0 if dh is None else dh
+            elif dh is None:
+                dz[t] = grad_out[t]
+            else:
+                torch.add(grad_out[t], dh, out=dz[t])
+            dz[t].mul_(local[t])
+            dh = dz[t] @ w_hh if t > 0 or ctx.needs_input_grad[1] else None
+        flat = dz.reshape(-1, hidden)
+        grad_w = flat.t() @ hs[:-1].reshape(-1, hidden) if ctx.needs_input_grad[2] else None
+        grad_b = flat.sum(dim=0) if ctx.needs_input_grad[3] else None
+        return dz, dh, grad_w, grad_b
 
 
 def detach_state(state: State) -> State:

@@ -26,7 +26,7 @@ from rnnlm.distributed import DistInfo, all_gather_float
 from rnnlm.errors import FlagError
 from rnnlm.evaluate import evaluate, validation_batches
 from rnnlm.generate import generate
-from rnnlm.loop import EpochStats, train_epoch
+from rnnlm.loop import SGD, EagerStep, EpochStats, GraphedStep, Optimizer, Step, train_epoch
 from rnnlm.model import RNNLM
 from rnnlm.resume import Checkpointer, History, Preempted, Resumed, StopFlag
 from rnnlm.tracking import NullTracker, Tracker, standard_tags
@@ -99,6 +99,20 @@ def build_model(config: TrainConfig, vocab_size: int, info: DistInfo) -> tuple[R
     return module, DistributedDataParallel(module, device_ids=device_ids)
 
 
+def make_step(
+    config: TrainConfig,
+    model: nn.Module,
+    module: RNNLM,
+    optimizer: Optimizer,
+    info: DistInfo,
+) -> Step:
+    autocast = torch.bfloat16 if config.autocast == "bf16" else None
+    eager = EagerStep(model, module, optimizer, config.clip, autocast)
+    if not config.cuda_graphs:
+        return eager
+    return GraphedStep(eager, module, config.batch_size // info.world_size, config.num_steps)
+
+
 class Progress:
     """Rank 0's view of training: a bar on a terminal, log lines otherwise."""
 
@@ -138,6 +152,7 @@ def prepare(config: TrainConfig, info: DistInfo) -> Dataset:
     """Check every input and load the data: all a user can get wrong fails here, before any
     tracking run is created or any training step taken."""
     config.validate(info.world_size)
+    config.validate_device(info.device.type)
     if info.is_main:
         check_output_dir(Path(config.output_dir))
         if config.checkpoint_dir:
@@ -164,7 +179,7 @@ def train(
     SIGTERM) ends it with a checkpoint at the next step boundary (raises :class:`Preempted`).
     """
     module, model = build_model(config, len(data.vocab), info)
-    optimizer = torch.optim.SGD(module.parameters(), lr=config.lr)
+    optimizer = SGD(module.parameters(), lr=config.lr)  # torch.optim's numbers, faster start
     rng = random.Random(config.seed)  # shared: every rank draws the same offsets and shuffles
     history = History()
     checkpointer = Checkpointer(config, info, module, optimizer, data.vocab, history, stop)
@@ -192,7 +207,7 @@ def _train(
     data: Dataset,
     module: RNNLM,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     rng: random.Random,
     history: History,
     checkpointer: Checkpointer,
@@ -217,6 +232,8 @@ def _train(
         tracker.log_artifact_text(data.vocab.to_json(), "vocab.json")
     else:
         tracker.resume(history)
+    step = make_step(config, model, module, optimizer, info)
+    train_ids = data.train_ids.to(info.device)  # minibatches are views: no copy per step
     first_epoch = resumed.epoch if resumed else 1
     progress = Progress(config.epochs, config.log_every, enabled=info.is_main, done=first_epoch - 1)
 
@@ -231,7 +248,7 @@ def _train(
         for epoch in range(first_epoch, config.epochs + 1):
             epoch_rng = rng.getstate()  # what a mid-epoch checkpoint needs to redo the layout
             batches = epoch_batches(
-                data.train_ids,
+                train_ids,
                 config.batch_size,
                 config.num_steps,
                 config.sampling,
@@ -248,6 +265,7 @@ def _train(
                 reset_state_every_batch=config.sampling == "random",
                 info=info,
                 epoch=epoch,
+                step=step,
                 progress=resumed.progress if resumed and epoch == resumed.epoch else None,
                 after_step=functools.partial(checkpointer.after_step, epoch, epoch_rng),
             )
@@ -293,6 +311,9 @@ def _train(
                 "world_size": info.world_size,
                 "perplexity_by_epoch": [s.perplexity for s in history.epochs],
                 "val_perplexity_by_epoch": history.val_perplexity,
+                "seconds_by_epoch": [s.seconds for s in history.epochs],
+                "tokens_by_epoch": [s.num_tokens for s in history.epochs],
+                "first_step_time": history.epochs[0].started_at,  # time.time() seconds
                 "mlflow_run_id": tracker.run_id,
             },
         )

@@ -28,7 +28,7 @@ from rnnlm import checkpoint
 from rnnlm.batching import rows_of_rank
 from rnnlm.config import TrainConfig
 from rnnlm.distributed import DistInfo
-from rnnlm.loop import EpochProgress, EpochStats
+from rnnlm.loop import EpochProgress, EpochStats, Optimizer
 from rnnlm.model import RNNLM, State
 from rnnlm.vocab import Vocab
 
@@ -103,7 +103,7 @@ class Checkpointer:
         config: TrainConfig,
         info: DistInfo,
         module: RNNLM,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optimizer,
         vocab: Vocab,
         history: History,
         stop: StopFlag | None,

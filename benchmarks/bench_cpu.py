@@ -1,0 +1,478 @@
+"""CPU benchmark: the chapter's training loop vs this job, side by side, in one run.
+
+    python benchmarks/bench_cpu.py --quick                        # ~2 minutes, a smoke run
+    python benchmarks/bench_cpu.py --out benchmarks/results/cpu.json   # the full run
+
+Every configuration is a real command in a fresh process, run as users run it, and the
+repetitions are interleaved (baseline, ours, ours on 2 ranks, baseline, ...) so that a machine
+getting busier or quieter affects all of them alike. Reported per configuration: median and
+spread (min, max) over the repetitions of
+
+- training tokens/s: tokens / seconds over the epochs after the first (the first epoch warms
+  up allocators and caches), each process timing its own epochs, sampling excluded;
+- start-up: seconds from launching the command to the first training step (the job and the
+  baseline record the wall-clock time of their first step);
+- peak memory: the largest resident set of any process of the command (``wait4``'s
+  ``ru_maxrss``; for torchrun the launcher and both ranks).
+
+Ratios are against the chapter's loop (:mod:`rnnlm.reference`: one-hot input, ``nn.RNN``,
+``train_epoch_ch8`` with its per-step ``float()`` and d2l ``grad_clipping``), both of the medians
+and paired (per repetition, median of the ratios). The full run also times the chapter's whole
+result (500 epochs, perplexity <= 1.4) from command to exit, and greedy sampling in characters/s.
+
+The chapter's configuration throughout: RNN, 256 hidden, global batch 32, 35 steps, the first
+10,000 tokens of The Time Machine. Thread settings are each command's defaults (torch uses every
+core for one process; torchrun gives each of its ranks one thread), plus one row of our job
+with one thread to show the per-core speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from rnnlm.config import ModelConfig  # noqa: E402
+from rnnlm.corpus import load_tokens  # noqa: E402
+from rnnlm.generate import generate  # noqa: E402
+from rnnlm.model import RNNLM  # noqa: E402
+from rnnlm.reference import build, predict_ch8  # noqa: E402
+from rnnlm.vocab import Vocab  # noqa: E402
+
+DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "timemachine.txt"
+CHAPTER_EPOCHS = 500
+CHAPTER_PERPLEXITY = 1.4
+
+
+@dataclass
+class Run:
+    ok: bool
+    wall_s: float
+    startup_s: float | None = None
+    tokens_per_s: float | None = None
+    peak_rss_mb: float | None = None
+    final_perplexity: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class Config:
+    name: str
+    describe: str
+    command: Callable[[Path], list[str]]  # the command, given a fresh scratch directory
+    result_file: Callable[[Path], Path]
+    env: dict[str, str] = field(default_factory=dict)
+    runs: list[Run] = field(default_factory=list)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gb": _memory_gb(),
+        "torch": torch.__version__,
+        "torch_threads_default": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _memory_gb() -> float | None:
+    try:
+        kb = int(re.findall(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text())[0])
+        return round(kb / 2**20, 1)
+    except (OSError, IndexError):
+        return None
+
+
+def load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def base_env() -> dict[str, str]:
+    """The caller's environment without settings that would change what is measured."""
+    drop = ("MLFLOW_", "RNNLM_", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def launch(
+    cmd: list[str], env: dict[str, str], log: Path, timeout: float
+) -> tuple[int | None, float, float, float]:
+    """Run ``cmd``; return (exit code or None if it ran past ``timeout`` seconds, launch time,
+    wall seconds, peak RSS in MB)."""
+    with log.open("w") as out:
+        launched = time.time()
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        code: int | None = None
+        try:
+            while True:
+                # wait4 gives this child's own usage; ru_maxrss covers its waited-for children
+                # too, so for torchrun it is the peak of the largest of launcher and ranks.
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    code = os.waitstatus_to_exitcode(status)
+                    break
+                if time.perf_counter() - start > timeout:
+                    proc.terminate()
+                    _, _, usage = os.wait4(proc.pid, 0)
+                    break
+                time.sleep(0.02)
+        except BaseException:  # interrupted: do not leave the job running
+            proc.terminate()
+            proc.wait()
+            raise
+        proc.returncode = code
+        wall = time.perf_counter() - start
+    return code, launched, wall, usage.ru_maxrss / 1024  # KB on Linux
+
+
+def measure(config: Config, scratch: Path, timeout: float) -> Run:
+    work = Path(tempfile.mkdtemp(dir=scratch, prefix=f"{config.name}-"))
+    env = {**base_env(), **config.env}
+    log = work / "log.txt"
+    code, launched, wall, rss = launch(config.command(work), env, log, timeout)
+    if code != 0:
+        why = f"ran past {timeout:.0f} s" if code is None else f"exit {code}"
+        tail = log.read_text()[-1500:]
+        shutil.rmtree(work, ignore_errors=True)
+        return Run(ok=False, wall_s=wall, peak_rss_mb=rss, error=f"{why}: {tail}")
+    info = json.loads(config.result_file(work).read_text())
+    seconds, tokens = info["seconds_by_epoch"][1:], info["tokens_by_epoch"][1:]
+    shutil.rmtree(work, ignore_errors=True)
+    return Run(
+        ok=True,
+        wall_s=wall,
+        startup_s=info["first_step_time"] - launched,
+        tokens_per_s=sum(tokens) / sum(seconds) if seconds else None,
+        peak_rss_mb=rss,
+        final_perplexity=info["perplexity_by_epoch"][-1],
+    )
+
+
+def summary(values: list[float]) -> dict[str, float | int] | None:
+    if not values:
+        return None
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def tracking_args(help_text: str) -> tuple[list[str] | None, list[str] | None, str | None]:
+    """(args that turn tracking on into a local store, args that turn it off, why skipped).
+
+    Tracking on/off is measured only when the job has a ``--tracking-uri`` flag AND a way to
+    switch tracking off (``--no-tracking``, or ``--tracking-uri none``).
+    """
+    if "--tracking-uri" not in help_text:
+        return None, None, "the job has no --tracking-uri flag"
+    on = ["--tracking-uri", "sqlite:///{work}/mlflow.db"]
+    if "--no-tracking" in help_text:
+        return on, ["--no-tracking"], None
+    if re.search(r"--tracking-uri[^\n]*\n?[^\n]*\bnone\b", help_text, re.I):
+        return on, ["--tracking-uri", "none"], None
+    return on, None, "the job has --tracking-uri but no documented way to switch tracking off"
+
+
+def job_configs(corpus: Path, epochs: int, help_text: str) -> tuple[list[Config], list[str]]:
+    py = sys.executable
+    on, off, why = tracking_args(help_text)
+    notes = [] if why is None else [f"tracking on vs off skipped: {why}"]
+    off = off or []
+
+    def job(*extra: str, nproc: int = 1) -> Callable[[Path], list[str]]:
+        def command(work: Path) -> list[str]:
+            launcher = [py, "-m", "jobs.train"]
+            if nproc > 1:
+                launcher = [py, "-m", "torch.distributed.run", "--standalone"]
+                launcher += [f"--nproc-per-node={nproc}", "-m", "jobs.train"]
+            args = [a.format(work=work) for a in extra]
+            common = ["--corpus", str(corpus), "--epochs", str(epochs)]
+            return [*launcher, *common, "--output-dir", str(work / "model"), *args]
+
+        return command
+
+    def job_result(work: Path) -> Path:
+        return work / "model" / "train.json"
+
+    def chapter(work: Path) -> list[str]:
+        common = ["--corpus", str(corpus), "--epochs", str(epochs)]
+        return [py, "-m", "rnnlm.reference", *common, "--out", str(work / "ref.json")]
+
+    def chapter_result(work: Path) -> Path:
+        return work / "ref.json"
+
+    configs = [
+        Config(
+            "chapter",
+            "the chapter's loop (rnnlm.reference), 1 process, default threads",
+            chapter,
+            chapter_result,
+        ),
+        Config(
+            "chapter_1thread",
+            "the chapter's loop, 1 process, OMP_NUM_THREADS=1",
+            chapter,
+            chapter_result,
+            env={"OMP_NUM_THREADS": "1"},
+        ),
+        Config("ours_1proc", "jobs.train, 1 process, default threads", job(*off), job_result),
+        Config(
+            "ours_1proc_1thread",
+            "jobs.train, 1 process, OMP_NUM_THREADS=1",
+            job(*off),
+            job_result,
+            env={"OMP_NUM_THREADS": "1"},
+        ),
+        Config(
+            "ours_2ranks",
+            "torchrun --standalone --nproc-per-node 2 jobs.train (global batch 32)",
+            job(*off, nproc=2),
+            job_result,
+        ),
+    ]
+    if on is not None and why is None:
+        configs.append(
+            Config(
+                "ours_1proc_tracking",
+                "jobs.train, 1 process, MLflow tracking into a local sqlite store",
+                job(*on),
+                job_result,
+            )
+        )
+    return configs, notes
+
+
+def bench_sampling(corpus: Path, num_chars: int, reps: int) -> dict[str, Any]:
+    """Greedy characters/s: the chapter's predict_ch8 (one prefix) vs rnnlm.generate (one
+    prefix, and 64 prefixes at once). Untrained weights: greedy speed does not depend on them."""
+    tokens = load_tokens(corpus, "d2l")
+    vocab = Vocab.build(tokens)
+    text = "".join(tokens)
+    prefixes = [text[i : i + 12] for i in range(0, 64 * 997, 997)][:64]
+    torch.manual_seed(0)
+    ours = RNNLM(ModelConfig(len(vocab)))
+    chapter = build(len(vocab))
+    cpu = torch.device("cpu")
+    cases: dict[str, tuple[Callable[[], object], int]] = {
+        "chapter_predict_ch8_1_prefix": (
+            lambda: predict_ch8("time traveller", num_chars, chapter, vocab, cpu),
+            num_chars,
+        ),
+        "ours_generate_1_prefix": (
+            lambda: generate(ours, vocab, ["time traveller"], num_chars),
+            num_chars,
+        ),
+        "ours_generate_64_prefixes": (
+            lambda: generate(ours, vocab, prefixes, num_chars),
+            64 * num_chars,
+        ),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in cases}
+    for fn, _ in cases.values():
+        fn()  # warm-up
+    for _ in range(reps):
+        for name, (fn, chars) in cases.items():
+            start = time.perf_counter()
+            fn()
+            rates[name].append(chars / (time.perf_counter() - start))
+    return {
+        "num_chars": num_chars,
+        "threads": torch.get_num_threads(),
+        "chars_per_s": {name: summary(r) for name, r in rates.items()},
+    }
+
+
+def run_repetitions(configs: list[Config], reps: int, scratch: Path, timeout: float) -> None:
+    for rep in range(reps):
+        for config in configs:
+            run = measure(config, scratch, timeout)
+            config.runs.append(run)
+            shown = f"{run.tokens_per_s:,.0f} tokens/s" if run.ok and run.tokens_per_s else "FAILED"
+            print(f"  rep {rep + 1}/{reps} {config.name:<22} {shown}", flush=True)
+            if not run.ok:
+                print(f"    {run.error}", flush=True)
+
+
+def report_configs(configs: list[Config]) -> dict[str, Any]:
+    baseline = configs[0]
+    base_rates = [r.tokens_per_s for r in baseline.runs]
+    out: dict[str, Any] = {}
+    for config in configs:
+        ok = [r for r in config.runs if r.ok]
+        rates = [r.tokens_per_s for r in ok if r.tokens_per_s]
+        entry: dict[str, Any] = {
+            "describe": config.describe,
+            "tokens_per_s": summary(rates),
+            "startup_s": summary([r.startup_s for r in ok if r.startup_s is not None]),
+            "peak_rss_mb": summary([r.peak_rss_mb for r in ok if r.peak_rss_mb]),
+            "failures": [r.error for r in config.runs if not r.ok],
+        }
+        base = summary([r for r in base_rates if r])
+        if rates and base:
+            entry["ratio_vs_chapter_of_medians"] = statistics.median(rates) / base["median"]
+            paired = [
+                a.tokens_per_s / b
+                for a, b in zip(config.runs, base_rates, strict=True)
+                if a.ok and a.tokens_per_s and b
+            ]
+            entry["ratio_vs_chapter_paired"] = summary(paired)
+        out[config.name] = entry
+    one = out.get("ours_1proc", {}).get("tokens_per_s")
+    one_t = out.get("ours_1proc_1thread", {}).get("tokens_per_s")
+    two = out.get("ours_2ranks", {}).get("tokens_per_s")
+    track = out.get("ours_1proc_tracking", {}).get("tokens_per_s")
+    scaling = {}
+    if one and two:
+        scaling["2ranks_vs_1proc"] = two["median"] / one["median"]
+    if one_t and two:
+        scaling["2ranks_vs_1proc_1thread"] = two["median"] / one_t["median"]
+    chapter_t = out.get("chapter_1thread", {}).get("tokens_per_s")
+    if one_t and chapter_t:
+        scaling["per_core_1thread_vs_chapter_1thread"] = one_t["median"] / chapter_t["median"]
+    if one and track:
+        scaling["tracking_slowdown"] = 1 - track["median"] / one["median"]
+    out["_derived"] = scaling
+    return out
+
+
+def time_to_result(configs: list[Config], scratch: Path, timeout: float) -> dict[str, Any]:
+    """The chapter's whole run (500 epochs) per configuration: command to exit."""
+    result = {}
+    for config in configs:
+        run = measure(config, scratch, timeout)
+        result[config.name] = {
+            "ok": run.ok,
+            "wall_s": run.wall_s,
+            "final_perplexity": run.final_perplexity,
+            "reached": bool(run.ok and run.final_perplexity is not None)
+            and run.final_perplexity <= CHAPTER_PERPLEXITY,
+            "error": run.error,
+        }
+        shown = f"{run.wall_s:.1f} s, perplexity {run.final_perplexity}" if run.ok else run.error
+        print(f"  {config.name:<22} {shown}", flush=True)
+    base = result[configs[0].name]
+    for entry in result.values():
+        if entry["ok"] and base["ok"]:
+            entry["speedup_vs_chapter"] = base["wall_s"] / entry["wall_s"]
+    return result
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print("\nconfiguration            tokens/s median [min-max]     x chapter  start-up s  peak MB")
+    for name, e in report.items():
+        if name.startswith("_") or not e["tokens_per_s"]:
+            continue
+        t = e["tokens_per_s"]
+        ratio = e.get("ratio_vs_chapter_of_medians", float("nan"))
+        startup = e["startup_s"]["median"] if e["startup_s"] else float("nan")
+        rss = e["peak_rss_mb"]["median"] if e["peak_rss_mb"] else float("nan")
+        print(
+            f"{name:<24} {t['median']:>9,.0f} [{t['min']:,.0f}-{t['max']:,.0f}]"
+            f"  {ratio:>9.2f}  {startup:>10.2f}  {rss:>7.0f}"
+        )
+    for key, value in report["_derived"].items():
+        print(f"{key}: {value:.3f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    # A terminated benchmark stops the command it is timing (see launch).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few epochs and repetitions")
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu.json")
+    parser.add_argument("--reps", type=int, help="repetitions per configuration")
+    parser.add_argument("--epochs", type=int, help="epochs per training run")
+    parser.add_argument(
+        "--timeout", type=float, default=900, help="seconds before one command counts as failed"
+    )
+    args = parser.parse_args(argv)
+    if not args.corpus.is_file():
+        parser.error(f"corpus not found: {args.corpus} (pass --corpus PATH)")
+    reps = args.reps or (2 if args.quick else 5)
+    epochs = args.epochs or (6 if args.quick else 40)
+    started = time.time()
+    result: dict[str, Any] = {
+        "benchmark": "cpu",
+        "mode": "quick" if args.quick else "full",
+        "machine": machine(),
+        "load_average_at_start": load_average(),
+        "setup": {
+            "cell": "rnn",
+            "num_hiddens": 256,
+            "global_batch": 32,
+            "num_steps": 35,
+            "max_tokens": 10_000,
+            "epochs_per_run": epochs,
+            "repetitions": reps,
+        },
+    }
+    help_text = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--help"],
+        cwd=ROOT,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    configs, notes = job_configs(args.corpus, epochs, help_text)
+    for note in notes:
+        print(f"note: {note}")
+    with tempfile.TemporaryDirectory(prefix="rnnlm-bench-") as scratch:
+        print(f"training throughput: {epochs} epochs x {reps} repetitions, interleaved")
+        run_repetitions(configs, reps, Path(scratch), args.timeout)
+        result["training"] = report_configs(configs)
+        print_table(result["training"])
+        print("\nsampling (greedy, characters/s)")
+        result["sampling"] = bench_sampling(args.corpus, 100 if args.quick else 500, reps)
+        for name, s in result["sampling"]["chars_per_s"].items():
+            print(f"  {name:<32} {s['median']:>12,.0f} [{s['min']:,.0f}-{s['max']:,.0f}]")
+        if not args.quick:
+            print(f"\ntime to the chapter's result ({CHAPTER_EPOCHS} epochs, command to exit)")
+            full, _ = job_configs(args.corpus, CHAPTER_EPOCHS, help_text)
+            chosen = [c for c in full if c.name in ("chapter", "ours_1proc", "ours_2ranks")]
+            result["time_to_result"] = time_to_result(chosen, Path(scratch), args.timeout)
+    result["notes"] = notes
+    result["load_average_at_end"] = load_average()
+    result["seconds"] = time.time() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwritten {args.out} in {result['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The job's fast CPU path computes what the chapter computes.
+
+The baseline is :mod:`rnnlm.reference` (the chapter's loop: one-hot inputs, ``nn.RNN``,
+``train_epoch_ch8``, d2l's ``grad_clipping``), the same code the benchmarks time.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from rnnlm import reference
+from rnnlm.batching import epoch_batches
+from rnnlm.config import ModelConfig
+from rnnlm.corpus import load_tokens
+from rnnlm.distributed import DistInfo
+from rnnlm.loop import SGD, train_epoch
+from rnnlm.model import RNNLM
+from rnnlm.vocab import Vocab
+
+NUM_STEPS_COMPARED = 50  # 8 minibatches per epoch: 7 epochs, state carried and reset
+
+
+def _chapter_data(corpus_path: Path) -> tuple[Vocab, list[int]]:
+    tokens = load_tokens(corpus_path, "d2l")
+    vocab = Vocab.build(tokens)
+    return vocab, vocab.encode(tokens)[:10_000]
+
+
+def _baseline_losses(vocab: Vocab, ids: list[int], seed: int) -> list[float]:
+    net = reference.build(len(vocab), seed=seed)
+    updater = torch.optim.SGD(net.parameters(), lr=1.0)
+    rng, losses = random.Random(seed), []
+    while len(losses) < NUM_STEPS_COMPARED:
+        batches = reference.seq_data_iter_sequential(ids, 32, 35, rng)
+        reference.train_epoch_ch8(
+            net, batches, nn.CrossEntropyLoss(), updater, torch.device("cpu"), losses
+        )
+    return losses[:NUM_STEPS_COMPARED]
+
+
+def _job_losses(vocab: Vocab, ids: list[int], seed: int) -> list[float]:
+    torch.manual_seed(seed)  # as pipeline.build_model does
+    module = RNNLM(ModelConfig(len(vocab)))
+    assert module.fast_cpu
+    optimizer = SGD(module.parameters(), lr=1.0)  # the job's optimiser
+    rng, corpus = random.Random(seed), torch.tensor(ids)
+    losses: list[torch.Tensor] = []
+    epoch = 0
+    while len(losses) < NUM_STEPS_COMPARED:
+        epoch += 1
+        batches = epoch_batches(corpus, 32, 35, "sequential", rng)
+        train_epoch(module, module, batches, optimizer, 1.0, False, DistInfo(), epoch, None, losses)
+    return [float(loss) for loss in losses[:NUM_STEPS_COMPARED]]
+
+
+def test_first_50_losses_equal_the_chapters_one_hot_loop(corpus_path: Path) -> None:
+    vocab, ids = _chapter_data(corpus_path)
+    baseline = _baseline_losses(vocab, ids, seed=0)
+    ours = _job_losses(vocab, ids, seed=0)
+    assert baseline[0] == pytest.approx(3.33, abs=0.05)  # ln(28): an untrained model
+    assert baseline[-1] < baseline[0] - 0.3  # it did learn: the comparison is not vacuous
+    assert ours == pytest.approx(baseline, rel=1e-4)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_hand_written_backward_matches_nn_rnn(layers: int) -> None:
+    """Outputs, new state and every gradient (weights, biases and the incoming state) of the
+    fast path equal those of ``nn.RNN`` on one-hot inputs."""
+    vocab_size, batch, steps = 28, 6, 9
+    torch.manual_seed(1)
+    model = RNNLM(ModelConfig(vocab_size, num_hiddens=32, num_layers=layers))
+    x = torch.randint(0, vocab_size, (batch, steps))
+    y = torch.randint(0, vocab_size, (batch, steps))
+    h0 = torch.randn(layers, batch, 32) * 0.5
+    results = []
+    for fast in (False, True):
+        model.fast_cpu = fast
+        model.zero_grad(set_to_none=True)
+        state = h0.clone().requires_grad_(True)
+        logits, new_state = model(x, state)
+        assert isinstance(new_state, torch.Tensor)
+        # A loss on the new state too, so its gradient path is exercised.
+        loss = F.cross_entropy(logits, y.T.reshape(-1)) + new_state.square().mean()
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), new_state.detach(), grads, state.grad))
+    (l0, s0, g0, h0_grad0), (l1, s1, g1, h0_grad1) = results
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)  # the forward pass is the same ops
+    torch.testing.assert_close(s1, s0, rtol=0, atol=0)
+    assert g1.keys() == g0.keys() == {name for name, _ in model.named_parameters()}
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
+    torch.testing.assert_close(h0_grad1, h0_grad0, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("config", [ModelConfig(28, cell="gru"), ModelConfig(28, cell="lstm")])
+def test_other_cells_keep_the_framework_layer(config: ModelConfig) -> None:
+    assert not RNNLM(config).fast_cpu
+
+
+def test_state_dict_layout_is_nn_rnns() -> None:
+    model = RNNLM(ModelConfig(28, num_hiddens=16))
+    assert list(model.state_dict()) == [
+        "rnn.weight_ih_l0",
+        "rnn.weight_hh_l0",
+        "rnn.bias_ih_l0",
+        "rnn.bias_hh_l0",
+        "linear.weight",
+        "linear.bias",
+    ]

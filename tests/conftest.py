@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = (ROOT.parent / "shared" / "data" / "timemachine.txt").resolve()
+# The project's test corpus lies beside the checkout; RNNLM_TEST_CORPUS points elsewhere.
+CORPUS = Path(
+    os.environ.get("RNNLM_TEST_CORPUS") or ROOT.parent / "shared" / "data" / "timemachine.txt"
+).resolve()
 CORPUS_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 
 

@@ -134,7 +134,15 @@ def test_bf16_autocast_trains() -> None:
 @needs_cuda
 def test_the_job_runs_on_cuda_with_graphs(corpus_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "m"
-    args = ["--corpus", str(corpus_path), "--output-dir", str(out), "--epochs", "3"]
+    args = [
+        "--corpus",
+        str(corpus_path),
+        "--output-dir",
+        str(out),
+        "--epochs",
+        "3",
+        "--no-tracking",
+    ]
     proc = run_job([*args, "--device", "cuda", "--cuda-graphs"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tokens/sec on cuda" in proc.stderr

@@ -8,9 +8,11 @@ per node), read from wherever that launcher keeps it.
 from __future__ import annotations
 
 import functools
+import re
+import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +88,60 @@ def containers(objs: tuple[Obj, ...]) -> Iterator[Obj]:
 def plain_env(container: Obj) -> dict[str, str]:
     """The container's literal env values (valueFrom entries are left out)."""
     return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def readme_secrets(admin_password: str, backend_store_uri: str) -> dict[str, dict[str, str]]:
+    """Stand-ins for the Secrets that README "Deploy the tracking server" creates by hand (the
+    manifests only refer to them, so rendering never yields them): the same names and keys
+    (tests/test_k8s_tracking.py checks them against the README), test values."""
+    return {
+        "rnnlm-mlflow-server": {
+            "MLFLOW_BACKEND_STORE_URI": backend_store_uri,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
+        },
+        "rnnlm-mlflow-auth": {
+            "MLFLOW_TRACKING_USERNAME": "admin",
+            "MLFLOW_TRACKING_PASSWORD": admin_password,
+        },
+    }
+
+
+def container_env(
+    objs: tuple[Obj, ...],
+    container: Obj,
+    secret_data: Mapping[str, Mapping[str, str]],
+    base: Mapping[str, str] | None = None,
+    downward: Mapping[str, str] | None = None,
+    resource_fields: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment Kubernetes gives ``container``, on top of ``base``: ``envFrom``
+    ConfigMaps (taken from the rendered objects) and Secrets (from ``secret_data``), then its
+    ``env`` list in order, ``$(NAME)`` expanded from variables defined before it as the kubelet
+    does. ``downward`` maps fieldRef paths, ``resource_fields`` resourceFieldRef resources, to
+    the values this pod would see."""
+    env = dict(base or {})
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(find(objs, "ConfigMap", source["configMapRef"]["name"])["data"])
+        else:
+            name = source["secretRef"]["name"]
+            assert name in secret_data, f"no stand-in for Secret {name} (see readme_secrets)"
+            env.update(secret_data[name])
+    for var in container.get("env", []):
+        name = var["name"]
+        if "value" in var:
+            env[name] = re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], var["value"])
+            continue
+        source = var["valueFrom"]
+        if "fieldRef" in source:
+            env[name] = (downward or {})[source["fieldRef"]["fieldPath"]]
+        elif "resourceFieldRef" in source:
+            env[name] = (resource_fields or {})[source["resourceFieldRef"]["resource"]]
+        else:
+            ref = source["secretKeyRef"]
+            env[name] = secret_data[ref["name"]][ref["key"]]
+    return env
 
 
 @dataclass

@@ -37,16 +37,22 @@ def start_server(
         start_new_session=True, cwd=root,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+    wait_healthy(url, proc, root / f"server-{port}.log")
+    return url, proc
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    """Wait until the server at ``url`` answers /health; stop it and fail if it never does."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / f'server-{port}.log').read_text()}")
+            raise RuntimeError(f"mlflow server exited: {log.read_text()}")
         with contextlib.suppress(requests.RequestException):
             if requests.get(f"{url}/health", timeout=2).ok:
-                return url, proc
+                return
         time.sleep(0.5)
     stop_server(proc)
-    raise RuntimeError("mlflow server did not become healthy within 90 s")
+    raise RuntimeError(f"mlflow server did not become healthy within {timeout:.0f} s")
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -1,9 +1,10 @@
 """Two "pods" of the Indexed Job on one machine: the manifest's exact command line and
-environment, started twice, train together and equal a one-node, two-process run."""
+environment, started twice, train together, log ONE run (and one registered model version) to a
+real basic-auth MLflow server, and equal a one-node, two-process run."""
 
 from __future__ import annotations
 
-import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -12,44 +13,49 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from tests.conftest import free_port, job_env, read_train_info, run_job
-from tests.k8s_manifests import find, render, training_launch
+from tests.k8s_manifests import container_env, find, readme_secrets, render, training_launch
+from tests.mlflow_server import mlflow_server
 
 # Keep it small: the manifest trains the chapter's 500 epochs; flags given later win.
-SMALL = ["--epochs", "3", "--sample-every", "1"]
+EPOCHS = 3
+SMALL = ["--epochs", str(EPOCHS), "--sample-every", "1"]
 JOB_NAME = "rnnlm-train"
 
 
 def pod_env(
-    launch, index: int, job_uid: str, volumes: dict[str, Path], rdzv: str, corpus: Path
+    launch,
+    index: int,
+    job_uid: str,
+    volumes: dict[str, Path],
+    rdzv: str,
+    corpus: Path,
+    tracking_uri: str,
+    secret_data: dict,
 ) -> dict:
     """The container's environment as Kubernetes fills it in for pod ``index`` of the Job."""
-    objs = render(launch.overlay)
-    env = job_env(JOB_COMPLETION_INDEX=str(index))
-    for source in launch.container.get("envFrom", []):
-        if "configMapRef" in source:
-            env.update(find(objs, "ConfigMap", source["configMapRef"]["name"])["data"])
-        # secretRef: the MLflow credentials; there is no tracking server in this test.
     downward = {
         "metadata.labels['batch.kubernetes.io/job-name']": JOB_NAME,
         "metadata.labels['batch.kubernetes.io/controller-uid']": job_uid,
     }
-    for var in launch.container["env"]:
-        if "value" in var:
-            # $(NAME) expands from variables defined earlier, as the kubelet does it.
-            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], var["value"])
-        elif "fieldRef" in var["valueFrom"]:
-            env[var["name"]] = downward[var["valueFrom"]["fieldRef"]["fieldPath"]]
-        else:  # resourceFieldRef limits.cpu: both pods share this machine's cores
-            env[var["name"]] = "1"
+    env = container_env(
+        render(launch.overlay),
+        launch.container,
+        secret_data,
+        base=job_env(JOB_COMPLETION_INDEX=str(index)),
+        downward=downward,
+        resource_fields={"limits.cpu": "1"},  # both pods share this machine's two cores
+    )
     # The name rnnlm-train-0.rnnlm-train resolves to pod 0; here pod 0 is this machine.
     host, _, _port = env["PET_RDZV_ENDPOINT"].rpartition(":")
     assert host == f"{JOB_NAME}-0.{launch.pod['subdomain']}"
     env["PET_RDZV_ENDPOINT"] = rdzv
     env["RNNLM_CORPUS"] = str(corpus)  # the corpus from a volume rather than the URL
-    env.pop("MLFLOW_TRACKING_URI")
+    # The Service name rnnlm-mlflow resolves to the tracking server; here it is on loopback.
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
     # Paths under the pod's volume mounts land in this test's stand-ins for the volumes.
     for name, value in env.items():
         for mount, local in volumes.items():
@@ -58,8 +64,36 @@ def pod_env(
     return env
 
 
-def test_two_pods_train_like_one_node(corpus_path: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def auth_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A real ``mlflow server`` with basic-auth, as k8s/tracking runs it (sqlite here: the
+    PostgreSQL backend has its own test), and the Secrets the README creates for it."""
+    password = secrets.token_hex(16)  # as the README's `openssl rand -hex 16`
+    secret_data = readme_secrets(password, backend_store_uri="unused: sqlite here")
+    server_secret = secret_data["rnnlm-mlflow-server"]
+    server_env = job_env(
+        MLFLOW_AUTH_ADMIN_PASSWORD=server_secret["MLFLOW_AUTH_ADMIN_PASSWORD"],
+        MLFLOW_FLASK_SERVER_SECRET_KEY=server_secret["MLFLOW_FLASK_SERVER_SECRET_KEY"],
+    )
+    with mlflow_server(
+        tmp_path / "server", extra=["--app-name", "basic-auth"], env=server_env
+    ) as url:
+        # This process reads the server as the jobs do: with the credentials the pods get.
+        for name, value in secret_data["rnnlm-mlflow-auth"].items():
+            monkeypatch.setenv(name, value)
+        yield url, secret_data
+
+
+def test_two_pods_train_like_one_node(corpus_path: Path, tmp_path: Path, auth_server) -> None:
+    url, secret_data = auth_server
     launch = training_launch("train-job")
+    # The pods' MLFLOW_TRACKING_URI names the tracking overlay's Service and port.
+    service = find(render("tracking"), "Service", "rnnlm-mlflow")
+    in_cluster = f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    assert (
+        find(render("train-job"), "ConfigMap", "rnnlm-env")["data"]["MLFLOW_TRACKING_URI"]
+        == in_cluster
+    )
     assert (launch.num_nodes, launch.nproc_per_node) == (2, 1)
     command, *args = launch.argv
     exe = shutil.which(command, path=str(Path(sys.executable).parent))
@@ -72,7 +106,7 @@ def test_two_pods_train_like_one_node(corpus_path: Path, tmp_path: Path) -> None
         own = tmp_path / f"pod{index}"  # the pod's emptyDir volumes
         volumes = {"/shared": shared, "/tmp": own / "tmp"}
         (own / "tmp").mkdir(parents=True)
-        env = pod_env(launch, index, job_uid, volumes, rdzv, corpus_path)
+        env = pod_env(launch, index, job_uid, volumes, rdzv, corpus_path, url, secret_data)
         log = (own / "log").open("w")
         pods.append(
             (
@@ -101,10 +135,28 @@ def test_two_pods_train_like_one_node(corpus_path: Path, tmp_path: Path) -> None
     two_nodes = read_train_info(model)
     # Each agent ran one process, so a world of 2 means the two agents formed one group.
     assert two_nodes["world_size"] == 2
-    assert len(two_nodes["perplexity_by_epoch"]) == 3
+    assert len(two_nodes["perplexity_by_epoch"]) == EPOCHS
+
+    # One run on the whole server (rank 0 of pod 0 logs; pod 1 logs nothing), with the world's
+    # size, each epoch's metric once, and the model registered from it under the alias.
+    client = MlflowClient(url)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments)
+    assert len(runs) == 1, [(r.info.run_id, r.info.experiment_id) for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["world_size"] == "2"
+    history = sorted(
+        client.get_metric_history(run.info.run_id, "train_perplexity"), key=lambda m: m.step
+    )
+    assert [m.step for m in history] == list(range(1, EPOCHS + 1))
+    assert [m.value for m in history] == pytest.approx(two_nodes["perplexity_by_epoch"])
+    version = client.get_model_version_by_alias("rnnlm-timemachine", "candidate")
+    assert version.run_id == run.info.run_id
 
     one_node_dir = tmp_path / "one-node"
-    one_node_args = [*args[2:], *SMALL, "--corpus", str(corpus_path)]
+    # The reference logs nothing: it is compared on its results only.
+    one_node_args = [*args[2:], *SMALL, "--corpus", str(corpus_path), "--no-tracking"]
     proc = run_job([*one_node_args, "--output-dir", str(one_node_dir)], nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one_node = read_train_info(one_node_dir)

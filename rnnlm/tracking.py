@@ -209,6 +209,7 @@ class MlflowTracker:
         # We retry in our own thread; MLflow's own retries would stall each call for minutes.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # log lines only
         self.settings = settings
         self.uri = resolve_uri(settings.uri)
         check_server(self.uri)

@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -76,11 +77,24 @@ def resolve_device(flag: str, local_rank: int) -> torch.device:
     return device
 
 
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    Kubernetes CPU limit), which affinity does not show."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return cores
+
+
 def threads_per_rank(local_world_size: int) -> int:
     """Share the cores among the ranks of this node: oversubscribed OpenMP makes the small
     matrix products of an RNN 10-100x slower."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // local_world_size)
+    return max(1, available_cores() // local_world_size)
 
 
 @contextlib.contextmanager

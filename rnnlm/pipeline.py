@@ -283,7 +283,6 @@ def _train(
             if info.is_main and epoch % config.sample_every == 0 and epoch != config.epochs:
                 sample(epoch, config.sample_prefixes[:1])
             checkpointer.after_epoch(epoch, rng.getstate())
-        checkpointer.finish()
     finally:
         progress.close()
 

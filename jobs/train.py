@@ -237,13 +237,14 @@ def train(**flags: Any) -> None:
 
 
 @record  # torchrun reports the failing rank's traceback
-def run(config: TrainConfig) -> pipeline.TrainResult:
+def run(config: TrainConfig) -> None:
+    distributed = False
     with process_group(config.device, config.dist_timeout) as info, stop_on_signals() as stop:
         setup_logging(info.rank, info.is_main)
         data = pipeline.prepare(config, info)
         settings = tracking_settings(config)
         try:
-            return pipeline.train(
+            pipeline.train(
                 config,
                 info,
                 data,
@@ -253,6 +254,16 @@ def run(config: TrainConfig) -> pipeline.TrainResult:
         except Preempted as exc:
             logging.getLogger("jobs.train").warning("%s; exiting so the job is retried", exc)
             sys.exit(EXIT_PREEMPTED)
+        finally:
+            distributed = info.is_distributed
+    if distributed:
+        # Everything is written and closed, and the group is gone. Interpreter teardown after
+        # gloo was seen to abort (SIGABRT) now and then, turning a finished job into a failed
+        # one for torchrun; skip it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def tracking_settings(config: TrainConfig) -> TrackingSettings:

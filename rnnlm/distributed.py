@@ -111,9 +111,22 @@ def process_group(device_flag: str = "auto", timeout_s: float = 300.0) -> Iterat
     info = dataclasses.replace(info, device=device, backend=backend)
     try:
         yield info
+        _leave_together()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _leave_together() -> None:
+    """Wait for every rank before tearing the group down: a rank that leaves while its peers
+    still work (rank 0 writing the model) was seen to abort at exit (SIGABRT) on gloo now and
+    then. Best effort: the job's work is done, so a failed wait is only a warning."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+    except Exception as exc:
+        log.warning("ranks did not meet before teardown: %s", str(exc).splitlines()[0][:200])
 
 
 def _init_group(info: DistInfo, backend: str, timeout: timedelta) -> None:

@@ -264,6 +264,15 @@ def job_configs(corpus: Path, epochs: int, help_text: str) -> tuple[list[Config]
             job_result,
         ),
     ]
+    if "--allreduce" in help_text:
+        configs.append(
+            Config(
+                "ours_2ranks_gloo",
+                "as ours_2ranks, gradients all-reduced by gloo (--allreduce backend)",
+                job(*off, "--allreduce", "backend", nproc=2),
+                job_result,
+            )
+        )
     if on is not None and why is None:
         configs.append(
             Config(
@@ -360,6 +369,9 @@ def report_configs(configs: list[Config]) -> dict[str, Any]:
         scaling["2ranks_vs_1proc"] = two["median"] / one["median"]
     if one_t and two:
         scaling["2ranks_vs_1proc_1thread"] = two["median"] / one_t["median"]
+    gloo = out.get("ours_2ranks_gloo", {}).get("tokens_per_s")
+    if gloo and two:
+        scaling["2ranks_shm_vs_2ranks_gloo"] = two["median"] / gloo["median"]
     chapter_t = out.get("chapter_1thread", {}).get("tokens_per_s")
     if one_t and chapter_t:
         scaling["per_core_1thread_vs_chapter_1thread"] = one_t["median"] / chapter_t["median"]

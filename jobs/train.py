@@ -27,7 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from jobs.common import setup_logging, user_errors
 from rnnlm import pipeline
-from rnnlm.config import CELLS, TrainConfig
+from rnnlm.config import ALLREDUCE_MODES, CELLS, TrainConfig
 from rnnlm.distributed import process_group, read_env
 from rnnlm.resume import EXIT_PREEMPTED, Preempted, stop_on_signals
 from rnnlm.tracking import TrackingSettings, make_tracker
@@ -137,6 +137,13 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     type=float,
     default=D.dist_timeout,
     help="Seconds a collective waits for a lost peer before the job fails.",
+)
+@click.option(
+    "--allreduce",
+    type=click.Choice(ALLREDUCE_MODES),
+    default=D.allreduce,
+    help="How ranks average gradients: shm (shared memory, CPU ranks on one host), backend "
+    "(the process group's all-reduce) or auto (shm where it applies).",
 )
 @click.option(
     "--autocast",

@@ -17,6 +17,7 @@ D2L_TIMEMACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 
 Cell = Literal["rnn", "gru", "lstm"]
 CELLS: tuple[str, ...] = ("rnn", "gru", "lstm")
+ALLREDUCE_MODES: tuple[str, ...] = ("auto", "shm", "backend")
 Sampling = Literal["sequential", "random"]
 Preprocess = Literal["d2l", "raw"]
 
@@ -70,6 +71,7 @@ class TrainConfig:
     # Execution and output.
     device: str = "auto"
     dist_timeout: float = 300.0  # seconds before a lost peer fails the job
+    allreduce: str = "auto"  # gradients: "shm" (ranks on one host's CPU), "backend" or "auto"
     # CUDA-only speed options; the defaults are the exact fp32 computation.
     autocast: str = "off"  # "bf16": bfloat16 autocast of the forward pass
     cuda_graphs: bool = False  # capture the training step once, replay it per minibatch
@@ -177,6 +179,10 @@ class TrainConfig:
                 f"the global batch {self.batch_size} does not split evenly over {world_size} "
                 f"processes; pass a multiple of {world_size} (e.g. "
                 f"{max(world_size, self.batch_size // world_size * world_size)}).",
+            )
+        if self.allreduce not in ALLREDUCE_MODES:
+            raise FlagError(
+                "--allreduce", f"got {self.allreduce!r}; choose {', '.join(ALLREDUCE_MODES)}."
             )
         if self.autocast not in ("off", "bf16"):
             raise FlagError("--autocast", f"got {self.autocast!r}; choose 'off' or 'bf16'.")

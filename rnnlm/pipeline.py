@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from rnnlm import artifacts, checkpoint, corpus
+from rnnlm import artifacts, checkpoint, corpus, shm_allreduce
 from rnnlm.batching import check_corpus_length, epoch_batches
 from rnnlm.config import TrainConfig
 from rnnlm.distributed import DistInfo, all_gather_float
@@ -179,10 +179,17 @@ def train(
     SIGTERM) ends it with a checkpoint at the next step boundary (raises :class:`Preempted`).
     """
     module, model = build_model(config, len(data.vocab), info)
+    exchange = None
+    if isinstance(model, DistributedDataParallel):
+        exchange = shm_allreduce.attach(
+            model, module, info, config.allreduce, config.dist_timeout, lambda: bool(stop)
+        )
     optimizer = SGD(module.parameters(), lr=config.lr)  # torch.optim's numbers, faster start
     rng = random.Random(config.seed)  # shared: every rank draws the same offsets and shuffles
     history = History()
-    checkpointer = Checkpointer(config, info, module, optimizer, data.vocab, history, stop)
+    checkpointer = Checkpointer(
+        config, info, module, optimizer, data.vocab, history, stop, exchange
+    )
     found = checkpointer.find()
     resumed = checkpointer.restore(found, rng) if found is not None else None
     run_id = resumed.mlflow_run_id if resumed else None

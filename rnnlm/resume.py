@@ -30,6 +30,7 @@ from rnnlm.config import TrainConfig
 from rnnlm.distributed import DistInfo
 from rnnlm.loop import EpochProgress, EpochStats, Optimizer
 from rnnlm.model import RNNLM, State
+from rnnlm.shm_allreduce import SharedMemoryAllReduce
 from rnnlm.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,9 @@ class Checkpointer:
         vocab: Vocab,
         history: History,
         stop: StopFlag | None,
+        exchange: SharedMemoryAllReduce | None = None,
     ) -> None:
+        self.exchange = exchange  # when set, it agrees on the stop flags with the gradients
         self.config, self.info, self.module, self.optimizer = config, info, module, optimizer
         self.vocab, self.history = vocab, history
         self.stop = stop if stop is not None else StopFlag()  # (a StopFlag is falsy)
@@ -140,6 +143,8 @@ class Checkpointer:
         """Every rank must stop at the same step, so the flag is OR-ed over the ranks."""
         if not self.info.is_distributed:
             return bool(self.stop)
+        if self.exchange is not None:
+            return self.exchange.stop_agreed  # exchanged with this step's gradients
         flag = torch.tensor([1.0 if self.stop else 0.0], device=self.info.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

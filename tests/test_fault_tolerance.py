@@ -135,10 +135,13 @@ def test_killed_worker_restarts_and_resumes_exactly(
     one_run_each_epoch_once(server, "ft-kill")
 
 
+@pytest.mark.parametrize("allreduce", ["auto", "backend"])
 def test_preempted_job_checkpoints_and_the_same_command_completes(
-    corpus_path: Path, tmp_path: Path, uninterrupted: Path
+    corpus_path: Path, tmp_path: Path, uninterrupted: Path, allreduce: str
 ) -> None:
-    args = args_for(corpus_path, tmp_path, "--no-tracking")
+    """The ranks agree to stop at the same step: by the flags that travel with the gradients
+    through shared memory (auto), or by an all-reduce of their own (backend)."""
+    args = args_for(corpus_path, tmp_path, "--no-tracking", "--allreduce", allreduce)
     launcher = launch(args)
     wait_for_checkpoint(tmp_path / "ckpt", launcher, min_epoch=3)
     time.sleep(0.03)

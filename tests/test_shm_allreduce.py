@@ -1,0 +1,81 @@
+"""Gradients averaged through shared memory: the same bits as gloo's all-reduce, and the job
+says which path it took."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from rnnlm.shm_allreduce import host_identity, why_not_shared
+from tests.conftest import read_train_info, run_job
+
+PARAMS = list(nn.Linear(3, 2).parameters())
+
+
+def test_ranks_on_one_linux_x86_host_share_memory() -> None:
+    here = ("node-a", "boot-1", "linux", "x86_64", "cpu")
+    assert why_not_shared([here, here], PARAMS) is None
+
+
+@pytest.mark.parametrize(
+    ("identities", "reason"),
+    [
+        (
+            [
+                ("node-a", "boot-1", "linux", "x86_64", "cpu"),
+                ("node-b", "boot-2", "linux", "x86_64", "cpu"),
+            ],
+            "one host",
+        ),  # noqa: E501
+        (
+            [
+                ("pod-a", "boot-1", "linux", "x86_64", "cpu"),
+                ("pod-b", "boot-1", "linux", "x86_64", "cpu"),
+            ],
+            "one host",
+        ),  # noqa: E501
+        ([("node-a", "boot-1", "linux", "x86_64", "cuda")] * 2, "CPU ranks"),
+        ([("node-a", "boot-1", "linux", "aarch64", "cpu")] * 2, "x86-64"),
+        ([("node-a", "boot-1", "darwin", "x86_64", "cpu")] * 2, "Linux"),
+    ],
+    ids=["two-nodes", "two-pods-one-node", "cuda", "arm", "macos"],
+)
+def test_elsewhere_the_backend_all_reduces(identities: list, reason: str) -> None:
+    assert reason in (why_not_shared(identities, PARAMS) or "")
+
+
+def test_non_float32_gradients_keep_the_backend() -> None:
+    here = host_identity("cpu")
+    half = [nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))]
+    assert "float32" in (why_not_shared([here, here], half) or "")
+
+
+def test_shared_memory_and_gloo_train_the_same_bits(corpus_path: Path, tmp_path: Path) -> None:
+    """Both sum the two ranks' pre-divided gradients, a/2 + b/2, so the replicas must match
+    bit for bit; and the job's log names the path it took."""
+    logs = {}
+    for mode in ("shm", "backend"):
+        proc = run_job(
+            ["--corpus", str(corpus_path), "--output-dir", str(tmp_path / mode), "--epochs", "3",
+             "--no-tracking", "--allreduce", mode],
+            nproc=2,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs[mode] = proc.stderr
+    assert "gradients all-reduced through shared memory (2 ranks)" in logs["shm"]
+    assert "shared memory" not in logs["backend"]
+    shm, gloo = (
+        load_file(tmp_path / "shm" / "model.safetensors"),
+        load_file(tmp_path / "backend" / "model.safetensors"),
+    )
+    assert shm.keys() == gloo.keys()
+    for name in shm:
+        assert torch.equal(shm[name], gloo[name]), name
+    assert (
+        read_train_info(tmp_path / "shm")["perplexity_by_epoch"]
+        == read_train_info(tmp_path / "backend")["perplexity_by_epoch"]
+    )

@@ -47,7 +47,12 @@ log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 _LIVENESS_EVERY_S = 0.2  # how often a waiting rank checks that its missing peers still exist
-_SPINS_BEFORE_YIELD = 200  # busy polls before giving the core away between polls
+# Waiting for peers: busy polls first (a peer in the same step arrives within microseconds),
+# then polls that yield the core, then, after a while, naps between polls: a peer sampling text
+# or writing a checkpoint can take seconds, and a spinning rank would keep a core from it.
+_SPINS_BEFORE_YIELD = 200
+_YIELD_FOR_S = 0.002
+_NAP_S = 0.0001
 
 
 class SharedMemoryAllReduce:
@@ -100,8 +105,11 @@ class SharedMemoryAllReduce:
             spins += 1
             if spins < _SPINS_BEFORE_YIELD:
                 continue
-            os.sched_yield()  # more ranks than cores must not starve the peer we wait for
             now = time.monotonic()
+            if now - started < _YIELD_FOR_S:
+                os.sched_yield()  # more ranks than cores must not starve the peer we wait for
+            else:
+                time.sleep(_NAP_S)
             if now < next_check:
                 continue
             next_check = now + _LIVENESS_EVERY_S

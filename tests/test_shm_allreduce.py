@@ -30,14 +30,14 @@ def test_ranks_on_one_linux_x86_host_share_memory() -> None:
                 ("node-b", "boot-2", "linux", "x86_64", "cpu"),
             ],
             "one host",
-        ),  # noqa: E501
+        ),
         (
             [
                 ("pod-a", "boot-1", "linux", "x86_64", "cpu"),
                 ("pod-b", "boot-1", "linux", "x86_64", "cpu"),
             ],
             "one host",
-        ),  # noqa: E501
+        ),
         ([("node-a", "boot-1", "linux", "x86_64", "cuda")] * 2, "CPU ranks"),
         ([("node-a", "boot-1", "linux", "aarch64", "cpu")] * 2, "x86-64"),
         ([("node-a", "boot-1", "darwin", "x86_64", "cpu")] * 2, "Linux"),

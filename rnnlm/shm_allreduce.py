@@ -72,7 +72,8 @@ class SharedMemoryAllReduce:
         counters = np.frombuffer(segment, dtype=np.int64, count=world * 4)
         self.arrived = counters[:world]  # the last call each rank has written
         self.flags = counters[world : 3 * world].reshape(2, world)  # stop flags per parity
-        self.pids = counters[3 * world :]
+        self.pids = counters[3 * world :]  # for the liveness check of a waiting rank
+        self.pids[self.rank] = os.getpid()
         self.slots = torch.frombuffer(
             segment, dtype=torch.float32, count=2 * world * slot_floats, offset=counters.nbytes
         ).view(2, world, slot_floats)
@@ -170,7 +171,6 @@ def attach(
             raise FlagError("--allreduce", f"no room for gradients in {SHM_DIR}; use auto.")
         return None
     exchange = SharedMemoryAllReduce(segment, info, slot_floats, timeout_s, stop_requested)
-    exchange.pids[info.rank] = os.getpid()
     dist.barrier()  # every pid is written before anyone may check it
     ddp.register_comm_hook(exchange, _hook)
     log.info("gradients all-reduced through shared memory (%d ranks)", info.world_size)

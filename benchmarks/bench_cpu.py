@@ -264,6 +264,21 @@ def job_configs(corpus: Path, epochs: int, help_text: str) -> tuple[list[Config]
             job_result,
         ),
     ]
+    if "--cpu-kernel" in help_text:
+        configs += [
+            Config(
+                "ours_1proc_torch_ops",
+                "as ours_1proc, recurrence on the framework's operations (--cpu-kernel torch)",
+                job(*off, "--cpu-kernel", "torch"),
+                job_result,
+            ),
+            Config(
+                "ours_2ranks_torch_ops",
+                "as ours_2ranks, recurrence on the framework's operations (--cpu-kernel torch)",
+                job(*off, "--cpu-kernel", "torch", nproc=2),
+                job_result,
+            ),
+        ]
     if "--allreduce" in help_text:
         configs.append(
             Config(

@@ -27,7 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from jobs.common import setup_logging, user_errors
 from rnnlm import pipeline
-from rnnlm.config import ALLREDUCE_MODES, CELLS, TrainConfig
+from rnnlm.config import ALLREDUCE_MODES, CELLS, CPU_KERNELS, TrainConfig
 from rnnlm.distributed import process_group, read_env
 from rnnlm.resume import EXIT_PREEMPTED, Preempted, stop_on_signals
 from rnnlm.tracking import TrackingSettings, make_tracker
@@ -144,6 +144,14 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     default=D.allreduce,
     help="How ranks average gradients: shm (shared memory, CPU ranks on one host), backend "
     "(the process group's all-reduce) or auto (shm where it applies).",
+)
+@click.option(
+    "--cpu-kernel",
+    type=click.Choice(CPU_KERNELS),
+    default=D.cpu_kernel,
+    help="The rnn cell's recurrence on CPU: compiled (one C call per sequence, built on first "
+    "use with the system's cc), torch (the framework's operations, bit-identical to nn.RNN) "
+    "or auto (compiled where it builds).",
 )
 @click.option(
     "--autocast",

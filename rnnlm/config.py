@@ -18,6 +18,7 @@ D2L_TIMEMACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 Cell = Literal["rnn", "gru", "lstm"]
 CELLS: tuple[str, ...] = ("rnn", "gru", "lstm")
 ALLREDUCE_MODES: tuple[str, ...] = ("auto", "shm", "backend")
+CPU_KERNELS: tuple[str, ...] = ("auto", "compiled", "torch")
 Sampling = Literal["sequential", "random"]
 Preprocess = Literal["d2l", "raw"]
 
@@ -72,6 +73,7 @@ class TrainConfig:
     device: str = "auto"
     dist_timeout: float = 300.0  # seconds before a lost peer fails the job
     allreduce: str = "auto"  # gradients: "shm" (ranks on one host's CPU), "backend" or "auto"
+    cpu_kernel: str = "auto"  # the rnn cell on CPU: "compiled" (rnnlm.native), "torch" or "auto"
     # CUDA-only speed options; the defaults are the exact fp32 computation.
     autocast: str = "off"  # "bf16": bfloat16 autocast of the forward pass
     cuda_graphs: bool = False  # capture the training step once, replay it per minibatch
@@ -183,6 +185,10 @@ class TrainConfig:
         if self.allreduce not in ALLREDUCE_MODES:
             raise FlagError(
                 "--allreduce", f"got {self.allreduce!r}; choose {', '.join(ALLREDUCE_MODES)}."
+            )
+        if self.cpu_kernel not in CPU_KERNELS:
+            raise FlagError(
+                "--cpu-kernel", f"got {self.cpu_kernel!r}; choose {', '.join(CPU_KERNELS)}."
             )
         if self.autocast not in ("off", "bf16"):
             raise FlagError("--autocast", f"got {self.autocast!r}; choose 'off' or 'bf16'.")

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from rnnlm.config import ModelConfig
+from rnnlm.native import TanhRecurrenceKernel
 
 # A GRU/RNN state is one tensor (L, B, H); an LSTM state is the pair (h, c).
 State = Tensor | tuple[Tensor, Tensor]
@@ -49,6 +50,9 @@ class RNNLM(nn.Module):
 
         # The hand-written CPU path for the chapter's cell; switch it off to run ``nn.RNN``.
         self.fast_cpu = config.cell == "rnn" and (config.num_layers == 1 or config.dropout == 0)
+        # The compiled recurrence (rnnlm.native) when the job chose it: the same model, every
+        # time step in one call; None runs the framework's operations.
+        self.kernel: TanhRecurrenceKernel | None = None
 
     def forward(self, inputs: Tensor, state: State) -> tuple[Tensor, State]:
         """``inputs`` (B, T) token ids -> logits (T*B, V) in time-major order, new state."""
@@ -76,7 +80,10 @@ class RNNLM(nn.Module):
                 pre = F.embedding(y, (w_ih.t() + b_ih).contiguous())  # rows gather fast
             else:
                 pre = F.linear(y, w_ih, b_ih)
-            y, h_last = TanhRecurrence.apply(pre, state[layer], w_hh, b_hh)
+            if self.kernel is not None and pre.dtype == torch.float32:
+                y, h_last = CompiledTanhRecurrence.apply(self.kernel, pre, state[layer], w_hh, b_hh)
+            else:
+                y, h_last = TanhRecurrence.apply(pre, state[layer], w_hh, b_hh)
             finals.append(h_last)
         return y, torch.stack(finals)
 
@@ -141,6 +148,46 @@ class TanhRecurrence(torch.autograd.Function):
         grad_w = flat.t() @ hs[:-1].reshape(-1, hidden) if ctx.needs_input_grad[2] else None
         grad_b = flat.sum(dim=0) if ctx.needs_input_grad[3] else None
         return dz, dh, grad_w, grad_b
+
+
+class CompiledTanhRecurrence(torch.autograd.Function):
+    """:class:`TanhRecurrence` with each direction in one call of the compiled kernel.
+
+    The matrix products are the BLAS products torch runs; ``tanh`` is the kernel's own (within
+    2 ulp of the exact value, where torch's differs by < 1 ulp), so outputs match the framework
+    path to round-off, not bit for bit. The backward's elementwise operations round as
+    :class:`TanhRecurrence`'s do; the weight gradient is the same one large product.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, kernel: TanhRecurrenceKernel, pre: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        num_steps, batch, hidden = pre.shape
+        hs = pre.new_empty(num_steps + 1, batch, hidden)
+        hs[0] = h0
+        w_hh = w_hh.contiguous()
+        kernel.forward(pre.contiguous(), w_hh, b_hh.contiguous(), hs)
+        ctx.kernel = kernel
+        ctx.save_for_backward(hs, w_hh)
+        ctx.set_materialize_grads(False)
+        return hs[1:], hs[-1].clone()
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: Tensor | None, grad_last: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        hs, w_hh = ctx.saved_tensors
+        outs = hs[1:]
+        hidden = outs.shape[-1]
+        dh = hs.new_zeros(outs.shape[1:]) if grad_last is None else grad_last.contiguous().clone()
+        dz = torch.empty_like(outs)
+        grad = None if grad_out is None else grad_out.contiguous()
+        ctx.kernel.backward(outs, grad, w_hh, dh, dz)
+        flat = dz.reshape(-1, hidden)
+        grad_w = flat.t() @ hs[:-1].reshape(-1, hidden) if ctx.needs_input_grad[3] else None
+        grad_b = flat.sum(dim=0) if ctx.needs_input_grad[4] else None
+        return None, dz, dh if ctx.needs_input_grad[2] else None, grad_w, grad_b
 
 
 def detach_state(state: State) -> State:

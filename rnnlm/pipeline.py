@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from rnnlm import artifacts, checkpoint, corpus, shm_allreduce
+from rnnlm import artifacts, checkpoint, corpus, native, shm_allreduce
 from rnnlm.batching import check_corpus_length, epoch_batches
 from rnnlm.config import TrainConfig
 from rnnlm.distributed import DistInfo, all_gather_float
@@ -93,10 +93,39 @@ def build_model(config: TrainConfig, vocab_size: int, info: DistInfo) -> tuple[R
     """The module and what the loop calls: the module itself, or its DDP wrapper."""
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts)
     module = RNNLM(config.model_config(vocab_size)).to(info.device)
+    module.kernel = cpu_kernel(config, info, module)
     if not info.is_distributed:
         return module, module
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return module, DistributedDataParallel(module, device_ids=device_ids)
+
+
+def cpu_kernel(
+    config: TrainConfig, info: DistInfo, module: RNNLM
+) -> native.TanhRecurrenceKernel | None:
+    """The compiled recurrence where ``--cpu-kernel`` asks for it and it can run, else None."""
+    if config.cpu_kernel == "torch":
+        return None
+    if info.device.type != "cpu" or not module.fast_cpu:
+        if config.cpu_kernel == "compiled":
+            raise FlagError(
+                "--cpu-kernel",
+                "compiled runs the rnn cell on CPU (one layer, or no dropout); "
+                f"this job runs --cell {config.cell} on {info.device.type}. Use auto or torch.",
+            )
+        return None
+    cache_dir = Path(config.cache_dir) if config.cache_dir else corpus.default_cache_dir()
+    try:
+        kernel = native.load(cache_dir)
+    except native.KernelUnavailable as exc:
+        if config.cpu_kernel == "compiled":
+            raise FlagError(
+                "--cpu-kernel", f"the compiled kernel cannot run here: {exc}; use auto or torch."
+            ) from None
+        log.warning("recurrence on the framework's operations (--cpu-kernel torch): %s", exc)
+        return None
+    log.info("recurrence: compiled kernel (--cpu-kernel compiled)")
+    return kernel
 
 
 def make_step(

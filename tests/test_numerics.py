@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rnnlm import reference
+from rnnlm import native, reference
 from rnnlm.batching import epoch_batches
 from rnnlm.config import ModelConfig
 from rnnlm.corpus import load_tokens
@@ -24,6 +24,15 @@ from rnnlm.model import RNNLM
 from rnnlm.vocab import Vocab
 
 NUM_STEPS_COMPARED = 50  # 8 minibatches per epoch: 7 epochs, state carried and reset
+KERNEL_MISSING = native.why_unavailable()
+compiled_kernel = pytest.mark.skipif(
+    KERNEL_MISSING is not None, reason=f"compiled kernel: {KERNEL_MISSING}"
+)
+KERNELS = ["torch", pytest.param("compiled", marks=compiled_kernel)]
+
+
+def _kernel(name: str, tmp_path: Path) -> native.TanhRecurrenceKernel | None:
+    return native.load(tmp_path) if name == "compiled" else None
 
 
 def _chapter_data(corpus_path: Path) -> tuple[Vocab, list[int]]:
@@ -44,10 +53,13 @@ def _baseline_losses(vocab: Vocab, ids: list[int], seed: int) -> list[float]:
     return losses[:NUM_STEPS_COMPARED]
 
 
-def _job_losses(vocab: Vocab, ids: list[int], seed: int) -> list[float]:
+def _job_losses(
+    vocab: Vocab, ids: list[int], seed: int, kernel: native.TanhRecurrenceKernel | None
+) -> list[float]:
     torch.manual_seed(seed)  # as pipeline.build_model does
     module = RNNLM(ModelConfig(len(vocab)))
     assert module.fast_cpu
+    module.kernel = kernel
     optimizer = SGD(module.parameters(), lr=1.0)  # the job's optimiser
     rng, corpus = random.Random(seed), torch.tensor(ids)
     losses: list[torch.Tensor] = []
@@ -59,25 +71,25 @@ def _job_losses(vocab: Vocab, ids: list[int], seed: int) -> list[float]:
     return [float(loss) for loss in losses[:NUM_STEPS_COMPARED]]
 
 
-def test_first_50_losses_equal_the_chapters_one_hot_loop(corpus_path: Path) -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_first_50_losses_equal_the_chapters_one_hot_loop(
+    corpus_path: Path, tmp_path: Path, kernel: str
+) -> None:
     vocab, ids = _chapter_data(corpus_path)
     baseline = _baseline_losses(vocab, ids, seed=0)
-    ours = _job_losses(vocab, ids, seed=0)
+    ours = _job_losses(vocab, ids, seed=0, kernel=_kernel(kernel, tmp_path))
     assert baseline[0] == pytest.approx(3.33, abs=0.05)  # ln(28): an untrained model
     assert baseline[-1] < baseline[0] - 0.3  # it did learn: the comparison is not vacuous
     assert ours == pytest.approx(baseline, rel=1e-4)
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_hand_written_backward_matches_nn_rnn(layers: int) -> None:
-    """Outputs, new state and every gradient (weights, biases and the incoming state) of the
-    fast path equal those of ``nn.RNN`` on one-hot inputs."""
-    vocab_size, batch, steps = 28, 6, 9
-    torch.manual_seed(1)
-    model = RNNLM(ModelConfig(vocab_size, num_hiddens=32, num_layers=layers))
+def _outputs_and_grads(model: RNNLM, hidden: int, layers: int) -> list[tuple]:
+    """Logits, new state, parameter gradients and the incoming state's gradient, once on
+    ``nn.RNN`` and once on the model's fast path (whichever recurrence it is set to)."""
+    vocab_size, batch, steps = model.config.vocab_size, 6, 9
     x = torch.randint(0, vocab_size, (batch, steps))
     y = torch.randint(0, vocab_size, (batch, steps))
-    h0 = torch.randn(layers, batch, 32) * 0.5
+    h0 = torch.randn(layers, batch, hidden) * 0.5
     results = []
     for fast in (False, True):
         model.fast_cpu = fast
@@ -90,13 +102,39 @@ def test_hand_written_backward_matches_nn_rnn(layers: int) -> None:
         loss.backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         results.append((logits.detach(), new_state.detach(), grads, state.grad))
-    (l0, s0, g0, h0_grad0), (l1, s1, g1, h0_grad1) = results
+    return results
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_hand_written_backward_matches_nn_rnn(layers: int) -> None:
+    """Outputs, new state and every gradient (weights, biases and the incoming state) of the
+    fast path equal those of ``nn.RNN`` on one-hot inputs."""
+    torch.manual_seed(1)
+    model = RNNLM(ModelConfig(28, num_hiddens=32, num_layers=layers))
+    (l0, s0, g0, h0_grad0), (l1, s1, g1, h0_grad1) = _outputs_and_grads(model, 32, layers)
     torch.testing.assert_close(l1, l0, rtol=0, atol=0)  # the forward pass is the same ops
     torch.testing.assert_close(s1, s0, rtol=0, atol=0)
     assert g1.keys() == g0.keys() == {name for name, _ in model.named_parameters()}
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
     torch.testing.assert_close(h0_grad1, h0_grad0, rtol=1e-5, atol=1e-7)
+
+
+@compiled_kernel
+@pytest.mark.parametrize(("layers", "hidden"), [(1, 32), (2, 32), (1, 13)])
+def test_compiled_kernel_matches_nn_rnn(tmp_path: Path, layers: int, hidden: int) -> None:
+    """The compiled recurrence against ``nn.RNN``: its own tanh (within 2 ulp) makes it equal
+    to round-off, not bit for bit. 13 hidden units exercise the kernel's partial vectors."""
+    torch.manual_seed(1)
+    model = RNNLM(ModelConfig(28, num_hiddens=hidden, num_layers=layers))
+    model.kernel = native.load(tmp_path)
+    (l0, s0, g0, h0_grad0), (l1, s1, g1, h0_grad1) = _outputs_and_grads(model, hidden, layers)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g0.keys() == {name for name, _ in model.named_parameters()}
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(h0_grad1, h0_grad0, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("config", [ModelConfig(28, cell="gru"), ModelConfig(28, cell="lstm")])

@@ -1,0 +1,174 @@
+"""The compiled CPU kernel of the chapter's recurrence (``tanh_recurrence.c``), built on first use.
+
+The C source needs no torch headers: the system C compiler builds it in well under a second,
+once per source version, into ``<cache dir>/native`` (a build already next to this file, as in
+the container image, is used first). It is loaded with ctypes, and its matrix products call the
+BLAS functions of the torch library already in the process (MKL in torch's x86-64 wheels), so
+the products are torch's own. Where any of this is missing, :func:`load` says why and the job
+keeps the framework's operations (``--cpu-kernel auto``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("tanh_recurrence.c")
+CFLAGS = ("-O2", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared")
+# MKL's packed-matrix products, exported by torch's x86-64 CPU library.
+BLAS_SYMBOLS = ("SGEMM_PACK_GET_SIZE", "SGEMM_PACK", "SGEMM_COMPUTE")
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel cannot run here; the message says why in a few words."""
+
+
+class TanhRecurrenceKernel:
+    """The loaded library; tensors in, tensors filled in place (float32, contiguous, CPU)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._lib = library
+        self._lib.tanh_recurrence_forward.restype = ctypes.c_int
+        self._lib.tanh_recurrence_backward.restype = ctypes.c_int
+
+    def forward(self, pre: Tensor, w_hh: Tensor, b_hh: Tensor, hs: Tensor) -> None:
+        """Fill ``hs[1:]`` (T+1, B, H) from ``hs[0]`` and ``pre`` (T, B, H)."""
+        steps, batch, hidden = pre.shape
+        _check(
+            self._lib.tanh_recurrence_forward(
+                steps, batch, hidden, _ptr(pre), _ptr(w_hh), _ptr(b_hh), _ptr(hs)
+            )
+        )
+
+    def backward(
+        self, outs: Tensor, grad_out: Tensor | None, w_hh: Tensor, dh: Tensor, dz: Tensor
+    ) -> None:
+        """``dz`` (T, B, H) := dL/dpre; ``dh`` (B, H): dL/dh_T in, dL/dh_0 out."""
+        steps, batch, hidden = outs.shape
+        scratch = torch.empty_like(dh)
+        grad = None if grad_out is None else _ptr(grad_out)
+        _check(
+            self._lib.tanh_recurrence_backward(
+                steps,
+                batch,
+                hidden,
+                _ptr(outs),
+                grad,
+                _ptr(w_hh),
+                _ptr(dh),
+                _ptr(dz),
+                _ptr(scratch),
+            )
+        )
+
+
+def why_unavailable() -> str | None:
+    """Why the kernel cannot run on this machine, or None if it can (no compiling here)."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"it is built for Linux x86-64, not {sys.platform} {platform.machine()}"
+    flags = _cpu_flags()
+    if not {"avx2", "fma"} <= flags:
+        return "this CPU lacks AVX2/FMA"
+    blas = _torch_blas()
+    if blas is None or not all(hasattr(blas, name) for name in BLAS_SYMBOLS):
+        return "this torch build does not export MKL's packed sgemm"
+    return None
+
+
+@functools.cache
+def load(cache_dir: Path) -> TanhRecurrenceKernel:
+    """Build (once) and load the kernel; raise :class:`KernelUnavailable` saying why not."""
+    why = why_unavailable()
+    if why:
+        raise KernelUnavailable(why)
+    library = ctypes.CDLL(str(_built(cache_dir)))
+    blas = _torch_blas()
+    assert blas is not None
+    library.tanh_recurrence_init(
+        *(ctypes.cast(getattr(blas, n), ctypes.c_void_p) for n in BLAS_SYMBOLS)
+    )
+    return TanhRecurrenceKernel(library)
+
+
+def build(directory: Path) -> Path:
+    """Compile the source into ``directory`` (atomically: concurrent ranks may race)."""
+    wanted = os.environ.get("CC") or "cc"
+    compiler = shutil.which(wanted) or (None if "CC" in os.environ else shutil.which("gcc"))
+    if compiler is None:
+        raise KernelUnavailable(f"no C compiler ({wanted}) on PATH")
+    target = directory / library_name()
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=directory, prefix=target.stem, suffix=".partial")
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [compiler, *CFLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            first = (done.stderr.strip().splitlines() or ["no output"])[0]
+            raise KernelUnavailable(f"{compiler} failed: {first}")
+        os.replace(partial, target)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return target
+
+
+def library_name() -> str:
+    """One file per version of the source and flags, so an edit never loads a stale build."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()
+    return f"tanh_recurrence-{digest[:16]}.so"
+
+
+def _built(cache_dir: Path) -> Path:
+    shipped = SOURCE.with_name(library_name())
+    if shipped.exists():
+        return shipped
+    cached = cache_dir / "native" / library_name()
+    if cached.exists():
+        return cached
+    try:
+        return build(cached.parent)
+    except OSError as exc:  # an unwritable cache: build where this process may write
+        try:
+            return build(Path(tempfile.gettempdir()) / f"rnnlm-native-{os.getuid()}")
+        except OSError:
+            raise KernelUnavailable(f"cannot write the build ({exc.strerror})") from None
+
+
+def _torch_blas() -> ctypes.CDLL | None:
+    path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        return None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _ptr(tensor: Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("the recurrence kernel could not allocate its packed weights")

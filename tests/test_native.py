@@ -1,0 +1,103 @@
+"""The compiled recurrence (rnnlm/native): accurate, row-independent, built once, and a job
+that cannot build it says so (``--cpu-kernel compiled``) or carries on without it (``auto``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rnnlm import native
+from rnnlm.model import CompiledTanhRecurrence
+from tests.conftest import job_env, read_train_info, run_job
+from tests.test_bad_input import assert_refused
+
+pytestmark = pytest.mark.skipif(
+    native.why_unavailable() is not None, reason=f"compiled kernel: {native.why_unavailable()}"
+)
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> native.TanhRecurrenceKernel:
+    return native.load(tmp_path_factory.mktemp("cache"))
+
+
+def test_tanh_within_two_ulp(kernel: native.TanhRecurrenceKernel) -> None:
+    """One step from h_0 = 0 with W_hh = 0 and b_hh = 0 is tanh(pre), against float64."""
+    x = torch.linspace(-12, 12, 400_000).reshape(1, -1, 8)
+    hs = torch.zeros(2, *x.shape[1:])
+    kernel.forward(x, torch.zeros(8, 8), torch.zeros(8), hs)
+    exact = torch.tanh(x.reshape(-1).double())
+    ulp = (torch.nextafter(exact.float(), torch.tensor(2.0)) - exact.float()).double().abs()
+    assert ((hs[1].reshape(-1).double() - exact).abs() / ulp).max() <= 2.0
+    assert torch.equal(hs[1].reshape(-1)[[0, -1]], torch.tensor([-1.0, 1.0]))
+
+
+def test_rows_split_across_ranks_change_no_bit(kernel: native.TanhRecurrenceKernel) -> None:
+    """What 2 ranks compute on 16 rows each equals the 32-row result bit for bit: outputs,
+    the gradients of the inputs and of the initial state."""
+    torch.manual_seed(0)
+    steps, batch, hidden = 35, 32, 256
+    pre = torch.randn(steps, batch, hidden)
+    h0 = torch.randn(batch, hidden) * 0.5
+    w_hh, b_hh = torch.randn(hidden, hidden) * 0.06, torch.randn(hidden) * 0.1
+    grad_out = torch.randn(steps, batch, hidden)
+
+    def run(rows: slice) -> tuple[torch.Tensor, ...]:
+        p = pre[:, rows].clone().requires_grad_(True)
+        h = h0[rows].clone().requires_grad_(True)
+        out, last = CompiledTanhRecurrence.apply(kernel, p, h, w_hh, b_hh)
+        (out * grad_out[:, rows]).sum().add(last.sum()).backward()
+        assert p.grad is not None and h.grad is not None
+        return out.detach(), last.detach(), p.grad, h.grad
+
+    whole = run(slice(None))
+    halves = [run(slice(0, 16)), run(slice(16, 32))]
+    for part, name in enumerate(["outputs", "last state", "d pre", "d h0"]):
+        joined = torch.cat([halves[0][part], halves[1][part]], dim=-2)
+        assert torch.equal(joined, whole[part]), name
+
+
+def test_built_once_per_source_version(tmp_path: Path) -> None:
+    first = native.build(tmp_path)
+    assert first.name == native.library_name() and first.exists()
+    assert native.library_name().startswith("tanh_recurrence-")
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial file left
+
+
+def test_compiled_refused_for_other_cells(corpus_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_job(
+        [
+            "--corpus",
+            str(corpus_path),
+            "--output-dir",
+            str(out),
+            "--epochs",
+            "1",
+            "--cell",
+            "gru",
+            "--cpu-kernel",
+            "compiled",
+            "--no-tracking",
+        ],
+        cwd=tmp_path,
+    )
+    assert_refused(proc, "--cpu-kernel", "--cell gru", "auto or torch", out=out)
+
+
+def test_without_a_compiler(corpus_path: Path, tmp_path: Path) -> None:
+    """``compiled`` stops with one line; ``auto`` warns and trains on the framework's ops."""
+    env = job_env(CC=str(tmp_path / "no-such-cc"), RNNLM_CACHE_DIR=str(tmp_path / "cache"))
+    common = ["--corpus", str(corpus_path), "--epochs", "2", "--no-tracking"]
+    out = tmp_path / "refused"
+    proc = run_job([*common, "--output-dir", str(out), "--cpu-kernel", "compiled"], env=env)
+    assert_refused(proc, "--cpu-kernel", "no C compiler", "auto or torch", out=out)
+
+    out = tmp_path / "auto"
+    proc = run_job([*common, "--output-dir", str(out)], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "recurrence on the framework's operations" in proc.stderr
+    assert "no C compiler" in proc.stderr
+    assert len(read_train_info(out)["perplexity_by_epoch"]) == 2

@@ -23,11 +23,19 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 # --- CPU: a virtual environment with torch's CPU wheel, copied into a clean image -------------
 FROM ${PYTHON_IMAGE} AS venv-cpu
 ARG TORCH_VERSION=2.13.0
+# gcc builds the compiled recurrence (python -m rnnlm.native) into the installed package, so the
+# runtime image needs no compiler. DL3008 (unpinned apt packages): Debian's gcc of this base
+# image is what the kernel is written for; a pin would break on the image's next point release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu \
     "torch==${TORCH_VERSION}"
 COPY --from=wheel /dist /dist
-RUN /opt/venv/bin/pip install --no-cache-dir /dist/*.whl
+RUN /opt/venv/bin/pip install --no-cache-dir /dist/*.whl \
+ && /opt/venv/bin/python -m rnnlm.native
 
 FROM ${PYTHON_IMAGE} AS runtime-cpu
 COPY --from=venv-cpu /opt/venv /opt/venv

@@ -5,6 +5,7 @@ commands the image and the manifests run."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -12,6 +13,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
+from rnnlm import native
 from tests.conftest import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -75,6 +79,29 @@ def test_wheel_carries_the_commands(tmp_path: Path) -> None:
     assert not any(n.startswith("tests/") for n in names)
     assert "rnnlm-train = jobs.train:main" in scripts
     assert "rnnlm-torchrun = jobs.torchrun:main" in scripts
+    assert "rnnlm/native/tanh_recurrence.c" in names  # the compiled recurrence's source
+
+
+@pytest.mark.skipif(native.why_unavailable() is not None, reason="no compiled kernel here")
+def test_image_build_step_ships_the_compiled_kernel(tmp_path: Path) -> None:
+    """The CPU image runs ``python -m rnnlm.native`` after installing the wheel: the library
+    lands inside the installed package, and jobs load it from there (no compiler needed)."""
+    assert "python -m rnnlm.native" in DOCKERFILE.read_text()
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "rnnlm", site / "rnnlm", ignore=shutil.ignore_patterns("*.so"))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    built = subprocess.run(
+        [sys.executable, "-m", "rnnlm.native"], capture_output=True, text=True, env=env,
+        cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    shipped = Path(built.stdout.strip())
+    assert shipped.parent == site / "rnnlm" / "native" and shipped.exists()
+    check = "from pathlib import Path; from rnnlm import native; print(native._built(Path('x')))"
+    used = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert used.returncode == 0 and Path(used.stdout.strip()) == shipped, used.stderr
 
 
 def test_default_command_prints_the_help() -> None:

@@ -35,8 +35,8 @@ def test_tanh_within_two_ulp(kernel: native.TanhRecurrenceKernel) -> None:
 
 
 def test_rows_split_across_ranks_change_no_bit(kernel: native.TanhRecurrenceKernel) -> None:
-    """What 2 ranks compute on 16 rows each equals the 32-row result bit for bit: outputs,
-    the gradients of the inputs and of the initial state."""
+    """What 2 ranks compute on 16 rows each, and 3 threads on a third each, equals the 32-row
+    result of one thread bit for bit: outputs, the gradients of the inputs and of h_0."""
     torch.manual_seed(0)
     steps, batch, hidden = 35, 32, 256
     pre = torch.randn(steps, batch, hidden)
@@ -52,11 +52,16 @@ def test_rows_split_across_ranks_change_no_bit(kernel: native.TanhRecurrenceKern
         assert p.grad is not None and h.grad is not None
         return out.detach(), last.detach(), p.grad, h.grad
 
+    kernel.threads = 1
     whole = run(slice(None))
     halves = [run(slice(0, 16)), run(slice(16, 32))]
+    kernel.threads = 3  # 11 + 11 + 10 rows, one run per OpenMP thread
+    threaded = run(slice(None))
+    kernel.threads = None
     for part, name in enumerate(["outputs", "last state", "d pre", "d h0"]):
         joined = torch.cat([halves[0][part], halves[1][part]], dim=-2)
         assert torch.equal(joined, whole[part]), name
+        assert torch.equal(threaded[part], whole[part]), name
 
 
 def test_built_once_per_source_version(tmp_path: Path) -> None:

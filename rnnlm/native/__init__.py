@@ -25,9 +25,14 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("tanh_recurrence.c")
-CFLAGS = ("-O2", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared")
-# MKL's packed-matrix products, exported by torch's x86-64 CPU library.
-BLAS_SYMBOLS = ("SGEMM_PACK_GET_SIZE", "SGEMM_PACK", "SGEMM_COMPUTE")
+CFLAGS = ("-O2", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
+# MKL's packed-matrix products and per-thread thread count, exported by torch's x86-64 library.
+BLAS_SYMBOLS = (
+    "SGEMM_PACK_GET_SIZE",
+    "SGEMM_PACK",
+    "SGEMM_COMPUTE",
+    "MKL_Set_Num_Threads_Local",
+)
 
 
 class KernelUnavailable(RuntimeError):
@@ -35,42 +40,43 @@ class KernelUnavailable(RuntimeError):
 
 
 class TanhRecurrenceKernel:
-    """The loaded library; tensors in, tensors filled in place (float32, contiguous, CPU)."""
+    """The loaded library; tensors in, tensors filled in place (float32, contiguous, CPU).
+
+    The rows of the batch are split over torch's intra-op threads (``torch.get_num_threads``),
+    each running its rows' time steps with single-threaded products; the split changes no bit.
+    """
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._lib = library
-        self._lib.tanh_recurrence_forward.restype = ctypes.c_int
-        self._lib.tanh_recurrence_backward.restype = ctypes.c_int
+        self.threads: int | None = None  # None: torch.get_num_threads() at each call
+        ints, ptrs = [ctypes.c_int] * 3, [ctypes.c_void_p]
+        library.tanh_recurrence_forward.argtypes = [*ints, *ptrs * 4, ctypes.c_int]
+        library.tanh_recurrence_backward.argtypes = [*ints, *ptrs * 6, ctypes.c_int]
+        library.tanh_recurrence_forward.restype = ctypes.c_int
+        library.tanh_recurrence_backward.restype = ctypes.c_int
 
     def forward(self, pre: Tensor, w_hh: Tensor, b_hh: Tensor, hs: Tensor) -> None:
         """Fill ``hs[1:]`` (T+1, B, H) from ``hs[0]`` and ``pre`` (T, B, H)."""
         steps, batch, hidden = pre.shape
-        _check(
-            self._lib.tanh_recurrence_forward(
-                steps, batch, hidden, _ptr(pre), _ptr(w_hh), _ptr(b_hh), _ptr(hs)
-            )
+        args = (pre, w_hh, b_hh, hs)
+        status = self._lib.tanh_recurrence_forward(
+            steps, batch, hidden, *map(_ptr, args), self._threads()
         )
+        _check(status)
 
     def backward(
         self, outs: Tensor, grad_out: Tensor | None, w_hh: Tensor, dh: Tensor, dz: Tensor
     ) -> None:
         """``dz`` (T, B, H) := dL/dpre; ``dh`` (B, H): dL/dh_T in, dL/dh_0 out."""
         steps, batch, hidden = outs.shape
-        scratch = torch.empty_like(dh)
-        grad = None if grad_out is None else _ptr(grad_out)
-        _check(
-            self._lib.tanh_recurrence_backward(
-                steps,
-                batch,
-                hidden,
-                _ptr(outs),
-                grad,
-                _ptr(w_hh),
-                _ptr(dh),
-                _ptr(dz),
-                _ptr(scratch),
-            )
+        args = (outs, grad_out, w_hh, dh, dz, torch.empty_like(dh))  # the last: scratch
+        status = self._lib.tanh_recurrence_backward(
+            steps, batch, hidden, *map(_ptr, args), self._threads()
         )
+        _check(status)
+
+    def _threads(self) -> int:
+        return self.threads or torch.get_num_threads()
 
 
 def why_unavailable() -> str | None:
@@ -165,8 +171,8 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _ptr(tensor: Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(tensor.data_ptr())
+def _ptr(tensor: Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
 
 
 def _check(status: int) -> None:

@@ -5,7 +5,7 @@
  * are handed over once by tanh_recurrence_init), through MKL's packed-matrix interface: W_hh is
  * reorganised once per sequence instead of once per time step. The elementwise work of a step
  * is one fused pass. Every output row depends only on its own input row, so splitting the batch
- * across ranks changes no bit. Built by rnnlm/native/__init__.py (x86-64 with AVX2 and FMA).
+ * across ranks, or across this process's threads (run_split), changes no bit. Built by rnnlm/native/__init__.py (x86-64 with AVX2 and FMA).
  */
 #include <immintrin.h>
 #include <stddef.h>
@@ -22,14 +22,20 @@ typedef void (*compute_fn)(const char *transa, const char *transb, const int *m,
                            const int *k, const float *a, const int *lda, const float *b,
                            const int *ldb, const float *beta, float *c, const int *ldc);
 
+/* mkl_set_num_threads_local: a worker's products must not start threads of their own. */
+typedef int (*threads_local_fn)(int count);
+
 static pack_size_fn pack_size;
 static pack_fn pack;
 static compute_fn compute;
+static threads_local_fn set_threads_local;
 
-void tanh_recurrence_init(pack_size_fn size_fn, pack_fn pack_fn_, compute_fn compute_fn_) {
+void tanh_recurrence_init(pack_size_fn size_fn, pack_fn pack_fn_, compute_fn compute_fn_,
+                          threads_local_fn threads_fn) {
     pack_size = size_fn;
     pack = pack_fn_;
     compute = compute_fn_;
+    set_threads_local = threads_fn;
 }
 
 /* exp(x) for x in [0, 20] (tanh's range below): Cephes' expf, ~1 ulp. */
@@ -92,31 +98,121 @@ static void bias_add_tanh(float *out, const float *pre, const float *bias, int r
 
 /* W_hh packed for products with it: op = 'T' gives x @ W_hh^T, op = 'N' gives x @ W_hh.
  * Returns NULL when out of memory. */
-static float *packed_weight(const char *op, const float *w_hh, int batch, int hidden) {
+static float *packed_weight(const char *op, const float *w_hh, int rows, int hidden) {
     const float one = 1.0f;
-    float *buf = malloc(pack_size("A", &hidden, &batch, &hidden));
-    if (buf) pack("A", op, &hidden, &batch, &hidden, &one, w_hh, &hidden, buf);
+    float *buf = malloc(pack_size("A", &hidden, &rows, &hidden));
+    if (buf) pack("A", op, &hidden, &rows, &hidden, &one, w_hh, &hidden, buf);
     return buf;
+}
+
+/* One thread's share: rows [first, first + rows) of every (batch, hidden) time-step block.
+ * Tensors are (steps[+1], batch, hidden); the pointers below already point at row `first`. */
+struct rows_job {
+    int steps, rows, hidden;
+    int64_t block; /* batch * hidden: the distance between two time steps */
+    const float *pre, *w_hh, *b_hh, *outs, *grad_out;
+    float *hs, *dh, *dz, *scratch;
+    int status;
+};
+
+static void forward_rows(struct rows_job *j) {
+    const float zero = 0.0f;
+    /* Row-major out (rows, hidden) = prev @ W_hh^T is column-major out^T = W_hh prev^T. */
+    float *w = packed_weight("T", j->w_hh, j->rows, j->hidden);
+    if (!w) {
+        j->status = -1;
+        return;
+    }
+    for (int t = 0; t < j->steps; t++) {
+        float *out = j->hs + (t + 1) * j->block;
+        compute("P", "N", &j->hidden, &j->rows, &j->hidden, w, &j->hidden, j->hs + t * j->block,
+                &j->hidden, &zero, out, &j->hidden);
+        bias_add_tanh(out, j->pre + t * j->block, j->b_hh, j->rows, j->hidden);
+    }
+    free(w);
+}
+
+static void backward_rows(struct rows_job *j) {
+    const int64_t n = (int64_t)j->rows * j->hidden;
+    const float zero = 0.0f;
+    float *w = packed_weight("N", j->w_hh, j->rows, j->hidden); /* dh_{t-1} = dz_t @ W_hh */
+    if (!w) {
+        j->status = -1;
+        return;
+    }
+    float *up = j->dh, *next = j->scratch;
+    for (int t = j->steps - 1; t >= 0; t--) {
+        const float *h = j->outs + t * j->block;
+        const float *g = j->grad_out ? j->grad_out + t * j->block : NULL;
+        float *d = j->dz + t * j->block;
+        int64_t i = 0;
+        /* dz_t = (g_t + dh_t) * (1 - h_t * h_t), each operation rounded as the framework's */
+        for (; i + 8 <= n; i += 8) {
+            __m256 hv = _mm256_loadu_ps(h + i);
+            __m256 local = _mm256_sub_ps(_mm256_set1_ps(1.0f), _mm256_mul_ps(hv, hv));
+            __m256 u = _mm256_loadu_ps(up + i);
+            if (g) u = _mm256_add_ps(_mm256_loadu_ps(g + i), u);
+            _mm256_storeu_ps(d + i, _mm256_mul_ps(u, local));
+        }
+        for (; i < n; i++) {
+            float local = 1.0f - h[i] * h[i];
+            d[i] = (g ? g[i] + up[i] : up[i]) * local;
+        }
+        compute("P", "N", &j->hidden, &j->rows, &j->hidden, w, &j->hidden, d, &j->hidden, &zero,
+                next, &j->hidden);
+        float *swap = up;
+        up = next;
+        next = swap;
+    }
+    if (up != j->dh) memcpy(j->dh, up, n * sizeof(float));
+    free(w);
+}
+
+#define MAX_THREADS 64
+
+/* Split the batch into `threads` runs of whole rows, one per OpenMP thread (torch's own pool:
+ * the process has one libgomp), each with single-threaded products: the time steps stay
+ * sequential, the rows are independent. Results do not depend on the split (each row is
+ * computed the same way in any run). */
+static int run_split(void (*work)(struct rows_job *), struct rows_job proto, int batch,
+                     int threads) {
+    struct rows_job jobs[MAX_THREADS];
+    if (threads > batch) threads = batch;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads < 1) threads = 1;
+    for (int i = 0, first = 0; i < threads; i++) {
+        int rows = batch / threads + (i < batch % threads);
+        int64_t offset = (int64_t)first * proto.hidden;
+        jobs[i] = proto;
+        jobs[i].rows = rows;
+        jobs[i].pre = proto.pre ? proto.pre + offset : NULL;
+        jobs[i].outs = proto.outs ? proto.outs + offset : NULL;
+        jobs[i].grad_out = proto.grad_out ? proto.grad_out + offset : NULL;
+        jobs[i].hs = proto.hs ? proto.hs + offset : NULL;
+        jobs[i].dh = proto.dh ? proto.dh + offset : NULL;
+        jobs[i].dz = proto.dz ? proto.dz + offset : NULL;
+        jobs[i].scratch = proto.scratch ? proto.scratch + offset : NULL;
+        first += rows;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
+    for (int i = 0; i < threads; i++) {
+        int before = set_threads_local(1);
+        work(&jobs[i]);
+        set_threads_local(before);
+    }
+    int status = 0;
+    for (int i = 0; i < threads; i++) status |= jobs[i].status;
+    return status;
 }
 
 /* hs: (steps + 1, batch, hidden), hs[0] = h_0 on entry; fills hs[1..steps].
  * pre: (steps, batch, hidden); w_hh: (hidden, hidden) row-major; b_hh: (hidden).
  * Returns 0, or -1 when out of memory. */
 int tanh_recurrence_forward(int steps, int batch, int hidden, const float *pre,
-                            const float *w_hh, const float *b_hh, float *hs) {
-    const int64_t block = (int64_t)batch * hidden;
-    const float zero = 0.0f;
-    /* Row-major out (batch, hidden) = prev @ W_hh^T is column-major out^T = W_hh prev^T. */
-    float *w = packed_weight("T", w_hh, batch, hidden);
-    if (!w) return -1;
-    for (int t = 0; t < steps; t++) {
-        float *out = hs + (t + 1) * block;
-        compute("P", "N", &hidden, &batch, &hidden, w, &hidden, hs + t * block, &hidden, &zero,
-                out, &hidden);
-        bias_add_tanh(out, pre + t * block, b_hh, batch, hidden);
-    }
-    free(w);
-    return 0;
+                            const float *w_hh, const float *b_hh, float *hs, int threads) {
+    struct rows_job job = {.steps = steps, .hidden = hidden, .block = (int64_t)batch * hidden,
+                           .pre = pre, .w_hh = w_hh, .b_hh = b_hh, .hs = hs};
+    return run_split(forward_rows, job, batch, threads);
 }
 
 /* Backward through time. outs = hs[1..steps]; grad_out: (steps, batch, hidden) or NULL.
@@ -124,37 +220,10 @@ int tanh_recurrence_forward(int steps, int batch, int hidden, const float *pre,
  * large. dz: (steps, batch, hidden) receives dL/dpre_t, the gradient of every step's input.
  * Returns 0, or -1 when out of memory. */
 int tanh_recurrence_backward(int steps, int batch, int hidden, const float *outs,
-                             const float *grad_out, const float *w_hh, float *dh,
-                             float *dz, float *scratch) {
-    const int64_t block = (int64_t)batch * hidden;
-    const float zero = 0.0f;
-    float *w = packed_weight("N", w_hh, batch, hidden); /* dh_{t-1} = dz_t @ W_hh */
-    if (!w) return -1;
-    float *up = dh, *next = scratch;
-    for (int t = steps - 1; t >= 0; t--) {
-        const float *h = outs + t * block;
-        const float *g = grad_out ? grad_out + t * block : NULL;
-        float *d = dz + t * block;
-        int64_t i = 0;
-        /* dz_t = (g_t + dh_t) * (1 - h_t * h_t), each operation rounded as the framework's */
-        for (; i + 8 <= block; i += 8) {
-            __m256 hv = _mm256_loadu_ps(h + i);
-            __m256 local = _mm256_sub_ps(_mm256_set1_ps(1.0f), _mm256_mul_ps(hv, hv));
-            __m256 u = _mm256_loadu_ps(up + i);
-            if (g) u = _mm256_add_ps(_mm256_loadu_ps(g + i), u);
-            _mm256_storeu_ps(d + i, _mm256_mul_ps(u, local));
-        }
-        for (; i < block; i++) {
-            float local = 1.0f - h[i] * h[i];
-            d[i] = (g ? g[i] + up[i] : up[i]) * local;
-        }
-        compute("P", "N", &hidden, &batch, &hidden, w, &hidden, d, &hidden, &zero, next,
-                &hidden);
-        float *swap = up;
-        up = next;
-        next = swap;
-    }
-    if (up != dh) memcpy(dh, up, block * sizeof(float));
-    free(w);
-    return 0;
+                             const float *grad_out, const float *w_hh, float *dh, float *dz,
+                             float *scratch, int threads) {
+    struct rows_job job = {.steps = steps, .hidden = hidden, .block = (int64_t)batch * hidden,
+                           .outs = outs, .grad_out = grad_out, .w_hh = w_hh, .dh = dh,
+                           .dz = dz, .scratch = scratch};
+    return run_split(backward_rows, job, batch, threads);
 }

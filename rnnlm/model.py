@@ -6,8 +6,10 @@ On the CPU, the chapter's cell (``rnn``, tanh, no dropout) takes a faster route 
 numbers (see :class:`TanhRecurrence`): ``one_hot(x) @ W_ih^T`` is exactly the row lookup
 ``W_ih^T[x]``, and the backward pass through time is written out so that the weight gradients
 are one large matrix product instead of one small product per time step. The parameters are
-still those of ``nn.RNN``, so the state_dict is unchanged. On CUDA, and for GRU/LSTM, the
-framework's layer (cuDNN on a GPU) runs as in the chapter.
+still those of ``nn.RNN``, so the state_dict is unchanged. Where the job loads it, the compiled
+kernel (:mod:`rnnlm.native`, :class:`CompiledTanhRecurrence`) runs that recurrence instead, one
+call per sequence and direction. On CUDA, and for GRU/LSTM, the framework's layer (cuDNN on a
+GPU) runs as in the chapter.
 
 Shape legend: ``B`` batch rows, ``T`` time steps, ``V`` vocabulary size, ``H`` hidden units,
 ``L`` layers.

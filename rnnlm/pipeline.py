@@ -110,8 +110,9 @@ def cpu_kernel(
         if config.cpu_kernel == "compiled":
             raise FlagError(
                 "--cpu-kernel",
-                "compiled runs the rnn cell on CPU (one layer, or no dropout); "
-                f"this job runs --cell {config.cell} on {info.device.type}. Use auto or torch.",
+                "compiled runs the rnn cell on the CPU, with one layer or without dropout; "
+                f"this job has --cell {config.cell} --num-layers {config.num_layers} "
+                f"--dropout {config.dropout} on {info.device.type}. Use auto or torch.",
             )
         return None
     cache_dir = Path(config.cache_dir) if config.cache_dir else corpus.default_cache_dir()

@@ -32,11 +32,18 @@ def test_tanh_within_two_ulp(kernel: native.TanhRecurrenceKernel) -> None:
     ulp = (torch.nextafter(exact.float(), torch.tensor(2.0)) - exact.float()).double().abs()
     assert ((hs[1].reshape(-1).double() - exact).abs() / ulp).max() <= 2.0
     assert torch.equal(hs[1].reshape(-1)[[0, -1]], torch.tensor([-1.0, 1.0]))
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-30, 50, -50])
+    hs = torch.zeros(2, 1, 8)
+    kernel.forward(special.reshape(1, 1, 8), torch.zeros(8, 8), torch.zeros(8), hs)
+    # NaN must stay NaN: the job's divergence check (--lr) relies on it.
+    torch.testing.assert_close(hs[1, 0], torch.tanh(special), equal_nan=True, rtol=0, atol=0)
 
 
 def test_rows_split_across_ranks_change_no_bit(kernel: native.TanhRecurrenceKernel) -> None:
-    """What 2 ranks compute on 16 rows each, and 3 threads on a third each, equals the 32-row
-    result of one thread bit for bit: outputs, the gradients of the inputs and of h_0."""
+    """What 2 ranks compute on 16 rows each, 8 ranks on 4 rows each, and 3 or more threads on
+    their shares, equals the 32-row result of one thread bit for bit: outputs and the gradients
+    of the inputs and of h_0. (MKL computes runs of 1-3 rows another way: the kernel never
+    gives a thread fewer than 4, and ranks of fewer rows differ at round-off.)"""
     torch.manual_seed(0)
     steps, batch, hidden = 35, 32, 256
     pre = torch.randn(steps, batch, hidden)
@@ -52,16 +59,23 @@ def test_rows_split_across_ranks_change_no_bit(kernel: native.TanhRecurrenceKern
         assert p.grad is not None and h.grad is not None
         return out.detach(), last.detach(), p.grad, h.grad
 
-    kernel.threads = 1
-    whole = run(slice(None))
-    halves = [run(slice(0, 16)), run(slice(16, 32))]
-    kernel.threads = 3  # 11 + 11 + 10 rows, one run per OpenMP thread
-    threaded = run(slice(None))
-    kernel.threads = None
+    try:
+        kernel.threads = 1
+        whole = run(slice(None))
+        halves = [run(slice(0, 16)), run(slice(16, 32))]
+        small = [run(slice(i, i + 4)) for i in range(0, 32, 4)]  # 8 ranks of the smallest run
+        kernel.threads = 3  # 11 + 11 + 10 rows, one run per OpenMP thread
+        threaded = run(slice(None))
+        kernel.threads = 64  # capped at 8 runs of 4 rows
+        capped = run(slice(None))
+    finally:
+        kernel.threads = None
     for part, name in enumerate(["outputs", "last state", "d pre", "d h0"]):
         joined = torch.cat([halves[0][part], halves[1][part]], dim=-2)
         assert torch.equal(joined, whole[part]), name
+        assert torch.equal(torch.cat([s[part] for s in small], dim=-2), whole[part]), name
         assert torch.equal(threaded[part], whole[part]), name
+        assert torch.equal(capped[part], whole[part]), name
 
 
 def test_built_once_per_source_version(tmp_path: Path) -> None:
@@ -92,6 +106,10 @@ def test_compiled_refused_for_other_cells(corpus_path: Path, tmp_path: Path) -> 
     assert_refused(proc, "--cpu-kernel", "--cell gru", "auto or torch", out=out)
 
 
+@pytest.mark.skipif(
+    native.SOURCE.with_name(native.library_name()).exists(),
+    reason="a build ships next to the source (python -m rnnlm.native): no compiler is needed",
+)
 def test_without_a_compiler(corpus_path: Path, tmp_path: Path) -> None:
     """``compiled`` stops with one line; ``auto`` warns and trains on the framework's ops."""
     env = job_env(CC=str(tmp_path / "no-such-cc"), RNNLM_CACHE_DIR=str(tmp_path / "cache"))

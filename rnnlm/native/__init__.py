@@ -15,6 +15,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -98,7 +99,11 @@ def load(cache_dir: Path) -> TanhRecurrenceKernel:
     why = why_unavailable()
     if why:
         raise KernelUnavailable(why)
-    library = ctypes.CDLL(str(_built(cache_dir)))
+    path = _built(cache_dir)
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as exc:  # e.g. a noexec temp dir, or a damaged file
+        raise KernelUnavailable(f"cannot load {path}: {exc}") from None
     blas = _torch_blas()
     assert blas is not None
     library.tanh_recurrence_init(
@@ -109,21 +114,30 @@ def load(cache_dir: Path) -> TanhRecurrenceKernel:
 
 def build(directory: Path) -> Path:
     """Compile the source into ``directory`` (atomically: concurrent ranks may race)."""
-    wanted = os.environ.get("CC") or "cc"
-    compiler = shutil.which(wanted) or (None if "CC" in os.environ else shutil.which("gcc"))
-    if compiler is None:
-        raise KernelUnavailable(f"no C compiler ({wanted}) on PATH")
+    wanted = shlex.split(os.environ.get("CC") or "cc")  # CC may carry a wrapper: "ccache gcc"
+    found = shutil.which(wanted[0]) if wanted else None
+    if found is None and "CC" not in os.environ:
+        found = shutil.which("gcc")
+    if found is None:
+        raise KernelUnavailable(f"no C compiler ({' '.join(wanted)}) on PATH")
+    compiler = [found, *wanted[1:]]
     target = directory / library_name()
     directory.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=directory, prefix=target.stem, suffix=".partial")
     os.close(fd)
     try:
-        done = subprocess.run(
-            [compiler, *CFLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True
-        )
+        try:
+            done = subprocess.run(
+                [*compiler, *CFLAGS, str(SOURCE), "-o", partial],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        except subprocess.TimeoutExpired:
+            raise KernelUnavailable(f"{found} took over 300 s") from None
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no output"])[0]
-            raise KernelUnavailable(f"{compiler} failed: {first}")
+            raise KernelUnavailable(f"{found} failed: {first}")
         os.replace(partial, target)
     finally:
         Path(partial).unlink(missing_ok=True)
@@ -147,9 +161,20 @@ def _built(cache_dir: Path) -> Path:
         return build(cached.parent)
     except OSError as exc:  # an unwritable cache: build where this process may write
         try:
-            return build(Path(tempfile.gettempdir()) / f"rnnlm-native-{os.getuid()}")
+            return build(_private_temp_dir())
         except OSError:
             raise KernelUnavailable(f"cannot write the build ({exc.strerror})") from None
+
+
+def _private_temp_dir() -> Path:
+    """A per-user directory in the temp dir that only this user can write: a library loaded
+    from a place others could write would run their code."""
+    path = Path(tempfile.gettempdir()) / f"rnnlm-native-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    info = path.lstat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077 or not path.is_dir() or path.is_symlink():
+        raise PermissionError(13, "not a private directory", str(path))
+    return path
 
 
 def _torch_blas() -> ctypes.CDLL | None:

@@ -5,7 +5,9 @@
  * are handed over once by tanh_recurrence_init), through MKL's packed-matrix interface: W_hh is
  * reorganised once per sequence instead of once per time step. The elementwise work of a step
  * is one fused pass. Every output row depends only on its own input row, so splitting the batch
- * across ranks, or across this process's threads (run_split), changes no bit. Built by rnnlm/native/__init__.py (x86-64 with AVX2 and FMA).
+ * across ranks, or across this process's threads (run_split), changes no bit, as long as every
+ * run has at least MIN_ROWS rows (MKL computes runs of 1-3 rows another way).
+ * Built by rnnlm/native/__init__.py (x86-64 with AVX2 and FMA, gcc's OpenMP).
  */
 #include <immintrin.h>
 #include <stddef.h>
@@ -74,7 +76,8 @@ static inline __m256 tanh8(__m256 x) {
                                  _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
     large = _mm256_or_ps(large, _mm256_and_ps(sign, x));
     __m256 use_small = _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ);
-    return _mm256_blendv_ps(large, small, use_small);
+    __m256 y = _mm256_blendv_ps(large, small, use_small);
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); /* NaN stays NaN */
 }
 
 /* out[i] = tanh(out[i] + bias[i % hidden] + pre[i]) over one (rows, hidden) block. */
@@ -169,15 +172,16 @@ static void backward_rows(struct rows_job *j) {
 }
 
 #define MAX_THREADS 64
+#define MIN_ROWS 4 /* per run: MKL's packed product takes another path for 1-3 rows */
 
 /* Split the batch into `threads` runs of whole rows, one per OpenMP thread (torch's own pool:
- * the process has one libgomp), each with single-threaded products: the time steps stay
- * sequential, the rows are independent. Results do not depend on the split (each row is
- * computed the same way in any run). */
+ * built with gcc, this library shares the libgomp torch loaded), each with single-threaded
+ * products: the time steps stay sequential, the rows are independent. Results do not depend
+ * on the split (each row is computed the same way in any run of MIN_ROWS rows or more). */
 static int run_split(void (*work)(struct rows_job *), struct rows_job proto, int batch,
                      int threads) {
     struct rows_job jobs[MAX_THREADS];
-    if (threads > batch) threads = batch;
+    if (threads > batch / MIN_ROWS) threads = batch / MIN_ROWS;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads < 1) threads = 1;
     for (int i = 0, first = 0; i < threads; i++) {

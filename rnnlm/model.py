@@ -132,7 +132,7 @@ class TanhRecurrence(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         hs, w_hh = ctx.saved_tensors
         out = hs[1:]
-        num_steps, hidden = out.shape[0], out.shape[-1]
+        num_steps = out.shape[0]
         local = 1 - out * out  # tanh'(z_t), as tanh_backward computes it
         dz = torch.empty_like(out)
         dh = grad_last
@@ -146,9 +146,7 @@ class TanhRecurrence(torch.autograd.Function):
                 torch.add(grad_out[t], dh, out=dz[t])
             dz[t].mul_(local[t])
             dh = dz[t] @ w_hh if t > 0 or ctx.needs_input_grad[1] else None
-        flat = dz.reshape(-1, hidden)
-        grad_w = flat.t() @ hs[:-1].reshape(-1, hidden) if ctx.needs_input_grad[2] else None
-        grad_b = flat.sum(dim=0) if ctx.needs_input_grad[3] else None
+        grad_w, grad_b = _weight_grads(dz, hs, *ctx.needs_input_grad[2:4])
         return dz, dh, grad_w, grad_b
 
 
@@ -181,15 +179,23 @@ class CompiledTanhRecurrence(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         hs, w_hh = ctx.saved_tensors
         outs = hs[1:]
-        hidden = outs.shape[-1]
         dh = hs.new_zeros(outs.shape[1:]) if grad_last is None else grad_last.contiguous().clone()
         dz = torch.empty_like(outs)
         grad = None if grad_out is None else grad_out.contiguous()
         ctx.kernel.backward(outs, grad, w_hh, dh, dz)
-        flat = dz.reshape(-1, hidden)
-        grad_w = flat.t() @ hs[:-1].reshape(-1, hidden) if ctx.needs_input_grad[3] else None
-        grad_b = flat.sum(dim=0) if ctx.needs_input_grad[4] else None
+        grad_w, grad_b = _weight_grads(dz, hs, *ctx.needs_input_grad[3:5])
         return None, dz, dh if ctx.needs_input_grad[2] else None, grad_w, grad_b
+
+
+def _weight_grads(
+    dz: Tensor, hs: Tensor, need_w: bool, need_b: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """``dL/dW_hh = sum_t dz_t^T h_{t-1}`` as ONE (H x T*B) @ (T*B x H) product, and
+    ``dL/db_hh = sum_t dz_t``; ``hs`` holds h_0..h_T."""
+    hidden = dz.shape[-1]
+    flat = dz.reshape(-1, hidden)
+    grad_w = flat.t() @ hs[:-1].reshape(-1, hidden) if need_w else None
+    return grad_w, flat.sum(dim=0) if need_b else None
 
 
 def detach_state(state: State) -> State:

@@ -52,10 +52,14 @@ class TrainResult:
     model_dir: Path | None = None
 
 
+def cache_dir(config: TrainConfig) -> Path:
+    """``--cache-dir``, else $RNNLM_CACHE_DIR or ~/.cache/rnnlm: downloads and kernel builds."""
+    return Path(config.cache_dir) if config.cache_dir else corpus.default_cache_dir()
+
+
 def load_dataset(config: TrainConfig) -> Dataset:
     """The vocabulary is built from the WHOLE corpus, then the training slice is cut (d2l)."""
-    cache_dir = Path(config.cache_dir) if config.cache_dir else corpus.default_cache_dir()
-    path = corpus.fetch(config.corpus, config.resolved_sha1(), cache_dir)
+    path = corpus.fetch(config.corpus, config.resolved_sha1(), cache_dir(config))
     tokens = corpus.load_tokens(path, config.preprocess)
     vocab = Vocab.build(tokens, min_freq=config.min_freq)
     ids = torch.tensor(vocab.encode(tokens), dtype=torch.long)
@@ -115,9 +119,8 @@ def cpu_kernel(
                 f"--dropout {config.dropout} on {info.device.type}. Use auto or torch.",
             )
         return None
-    cache_dir = Path(config.cache_dir) if config.cache_dir else corpus.default_cache_dir()
     try:
-        kernel = native.load(cache_dir)
+        kernel = native.load(cache_dir(config))
     except native.KernelUnavailable as exc:
         if config.cpu_kernel == "compiled":
             raise FlagError(

@@ -80,10 +80,18 @@ class TanhRecurrenceKernel:
         return self.threads or torch.get_num_threads()
 
 
-def why_unavailable() -> str | None:
-    """Why the kernel cannot run on this machine, or None if it can (no compiling here)."""
+def wrong_platform() -> str | None:
+    """Why the kernel is not built for this OS/architecture, or None (Linux x86-64)."""
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"it is built for Linux x86-64, not {sys.platform} {platform.machine()}"
+    return None
+
+
+def why_unavailable() -> str | None:
+    """Why the kernel cannot run on this machine, or None if it can (no compiling here)."""
+    wrong_target = wrong_platform()
+    if wrong_target:
+        return wrong_target
     flags = _cpu_flags()
     if not {"avx2", "fma"} <= flags:
         return "this CPU lacks AVX2/FMA"

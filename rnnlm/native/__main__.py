@@ -3,7 +3,6 @@ installation (the container image) ships it and needs no compiler at run time.""
 
 from __future__ import annotations
 
-import platform
 import sys
 
 from rnnlm import native
@@ -12,10 +11,10 @@ from rnnlm import native
 def main() -> int:
     # Only the target matters at build time: an image built on a host without AVX2 still runs
     # on hosts with it (the job checks the CPU when it loads the library).
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+    wrong_target = native.wrong_platform()
+    if wrong_target:
         print(
-            f"rnnlm.native: not built, the kernel is for Linux x86-64 and this is "
-            f"{sys.platform} {platform.machine()}; jobs use the framework's operations.",
+            f"rnnlm.native: not built, {wrong_target}; jobs use the framework's operations.",
             file=sys.stderr,
         )
         return 0

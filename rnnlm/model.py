@@ -17,6 +17,7 @@ Shape legend: ``B`` batch rows, ``T`` time steps, ``V`` vocabulary size, ``H`` h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,14 +57,29 @@ class RNNLM(nn.Module):
         # time step in one call; None runs the framework's operations.
         self.kernel: TanhRecurrenceKernel | None = None
 
-    def forward(self, inputs: Tensor, state: State) -> tuple[Tensor, State]:
-        """``inputs`` (B, T) token ids -> logits (T*B, V) in time-major order, new state."""
+    def forward(
+        self, inputs: Tensor, state: State, targets: Tensor | None = None
+    ) -> tuple[Tensor, State]:
+        """``inputs`` (B, T) token ids -> logits (T*B, V) in time-major order, new state.
+
+        With ``targets`` (T*B,) in the same order, returns the mean cross-entropy loss (a
+        float32 scalar) instead of the logits; with the compiled kernel, the output layer and
+        the loss are then its fused :class:`CompiledLinearCrossEntropy`.
+        """
         if self.fast_cpu and inputs.device.type == "cpu" and isinstance(state, Tensor):
             y, state = self._tanh_layers(inputs.T.long(), state)
         else:
             x = F.one_hot(inputs.T.long(), self.config.vocab_size).to(torch.float32)  # (T, B, V)
             y, state = self.rnn(x, state)  # y: (T, B, H)
-        return self.linear(y.reshape(-1, y.shape[-1])), state
+        y = y.reshape(-1, y.shape[-1])
+        if targets is None:
+            return self.linear(y), state
+        if self.kernel is not None and y.device.type == "cpu" and y.dtype == torch.float32:
+            loss = CompiledLinearCrossEntropy.apply(
+                self.kernel, y, self.linear.weight, self.linear.bias, targets
+            )
+            return loss, state
+        return F.cross_entropy(self.linear(y).float(), targets), state
 
     def _tanh_layers(self, ids: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """``nn.RNN``'s CPU computation, layer by layer: the input projection of the whole
@@ -183,18 +199,60 @@ class CompiledTanhRecurrence(torch.autograd.Function):
         dz = torch.empty_like(outs)
         grad = None if grad_out is None else grad_out.contiguous()
         ctx.kernel.backward(outs, grad, w_hh, dh, dz)
-        grad_w, grad_b = _weight_grads(dz, hs, *ctx.needs_input_grad[3:5])
+        need_w, need_b = ctx.needs_input_grad[3:5]
+        grad_w, grad_b = _weight_grads(dz, hs, need_w, need_b, ctx.kernel.matmul)
         return None, dz, dh if ctx.needs_input_grad[2] else None, grad_w, grad_b
 
 
+class CompiledLinearCrossEntropy(torch.autograd.Function):
+    """``cross_entropy(y @ W^T + b, targets)`` (mean over rows) in two calls of the compiled
+    kernel: its own matrix product, then bias, log-sum-exp and the gradient with respect to the
+    logits (softmax minus one-hot) in one pass over each row. Backward needs only that gradient:
+    dL/dy = G W, dL/dW = G^T y, dL/db = column sums of G, with G scaled by the mean's 1/N.
+    Equal to the framework's loss to round-off (the row losses are summed in float64).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        kernel: TanhRecurrenceKernel,
+        y: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        targets: Tensor,
+    ) -> Tensor:
+        logits = kernel.matmul(y, weight.t())
+        losses = kernel.softmax_cross_entropy(logits, bias.contiguous(), targets.contiguous())
+        ctx.kernel = kernel
+        ctx.save_for_backward(y, weight, logits)  # logits now holds softmax - one_hot
+        return (losses.sum() / len(losses)).float()
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        y, weight, grad_logits = ctx.saved_tensors
+        grad_logits = grad_logits * (grad_loss / len(grad_logits))
+        need_y, need_w, need_b = ctx.needs_input_grad[1:4]
+        return (
+            None,
+            ctx.kernel.matmul(grad_logits, weight) if need_y else None,
+            ctx.kernel.matmul(grad_logits.t(), y) if need_w else None,
+            grad_logits.sum(dim=0) if need_b else None,
+            None,
+        )
+
+
 def _weight_grads(
-    dz: Tensor, hs: Tensor, need_w: bool, need_b: bool
+    dz: Tensor,
+    hs: Tensor,
+    need_w: bool,
+    need_b: bool,
+    matmul: Callable[[Tensor, Tensor], Tensor] = torch.mm,
 ) -> tuple[Tensor | None, Tensor | None]:
     """``dL/dW_hh = sum_t dz_t^T h_{t-1}`` as ONE (H x T*B) @ (T*B x H) product, and
     ``dL/db_hh = sum_t dz_t``; ``hs`` holds h_0..h_T."""
     hidden = dz.shape[-1]
     flat = dz.reshape(-1, hidden)
-    grad_w = flat.t() @ hs[:-1].reshape(-1, hidden) if need_w else None
+    grad_w = matmul(flat.t(), hs[:-1].reshape(-1, hidden)) if need_w else None
     return grad_w, flat.sum(dim=0) if need_b else None
 
 

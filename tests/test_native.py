@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from rnnlm import native
-from rnnlm.model import CompiledTanhRecurrence
+from rnnlm.model import CompiledLinearCrossEntropy, CompiledTanhRecurrence
 from tests.conftest import job_env, read_train_info, run_job
 from tests.test_bad_input import assert_refused
 
@@ -39,16 +40,19 @@ def test_tanh_within_two_ulp(kernel: native.TanhRecurrenceKernel) -> None:
     torch.testing.assert_close(hs[1, 0], torch.tanh(special), equal_nan=True, rtol=0, atol=0)
 
 
-def test_rows_split_across_ranks_change_no_bit(kernel: native.TanhRecurrenceKernel) -> None:
-    """What 2 ranks compute on 16 rows each, 8 ranks on 4 rows each, and 3 or more threads on
+@pytest.mark.parametrize("hidden", [256, 37])  # 37: a partial panel and a partial vector
+def test_rows_split_across_ranks_change_no_bit(
+    kernel: native.TanhRecurrenceKernel, hidden: int
+) -> None:
+    """What 2 ranks compute on 16 rows each, 32 ranks on 1 row each, and 3 or more threads on
     their shares, equals the 32-row result of one thread bit for bit: outputs and the gradients
-    of the inputs and of h_0. (MKL computes runs of 1-3 rows another way: the kernel never
-    gives a thread fewer than 4, and ranks of fewer rows differ at round-off.)"""
+    of the inputs and of h_0. (Every element is one chain of fused multiply-adds in the same
+    order, whatever register tile of 1-6 rows its row falls in.)"""
     torch.manual_seed(0)
-    steps, batch, hidden = 35, 32, 256
+    steps, batch = 35, 32
     pre = torch.randn(steps, batch, hidden)
     h0 = torch.randn(batch, hidden) * 0.5
-    w_hh, b_hh = torch.randn(hidden, hidden) * 0.06, torch.randn(hidden) * 0.1
+    w_hh, b_hh = torch.randn(hidden, hidden) * hidden**-0.5, torch.randn(hidden) * 0.1
     grad_out = torch.randn(steps, batch, hidden)
 
     def run(rows: slice) -> tuple[torch.Tensor, ...]:
@@ -63,19 +67,76 @@ def test_rows_split_across_ranks_change_no_bit(kernel: native.TanhRecurrenceKern
         kernel.threads = 1
         whole = run(slice(None))
         halves = [run(slice(0, 16)), run(slice(16, 32))]
-        small = [run(slice(i, i + 4)) for i in range(0, 32, 4)]  # 8 ranks of the smallest run
-        kernel.threads = 3  # 11 + 11 + 10 rows, one run per OpenMP thread
+        singles = [run(slice(i, i + 1)) for i in range(batch)]  # 32 ranks of one row
+        kernel.threads = 5  # 7 + 7 + 6 + 6 + 6 rows, one run per OpenMP thread
         threaded = run(slice(None))
-        kernel.threads = 64  # capped at 8 runs of 4 rows
+        kernel.threads = 64  # capped at one row per thread
         capped = run(slice(None))
     finally:
         kernel.threads = None
     for part, name in enumerate(["outputs", "last state", "d pre", "d h0"]):
         joined = torch.cat([halves[0][part], halves[1][part]], dim=-2)
         assert torch.equal(joined, whole[part]), name
-        assert torch.equal(torch.cat([s[part] for s in small], dim=-2), whole[part]), name
+        assert torch.equal(torch.cat([s[part] for s in singles], dim=-2), whole[part]), name
         assert torch.equal(threaded[part], whole[part]), name
         assert torch.equal(capped[part], whole[part]), name
+
+
+def test_products_match_float64(kernel: native.TanhRecurrenceKernel) -> None:
+    """The kernel's own matrix products: one step from h_0 with pre = 0 and b_hh = 0 is
+    tanh(h_0 W_hh^T), and its backward dh_0 = (g * (1 - h_1^2)) W_hh, against float64."""
+    torch.manual_seed(1)
+    for batch, hidden in [(32, 256), (7, 37), (1, 5)]:
+        h0 = torch.randn(batch, hidden)
+        w_hh = torch.randn(hidden, hidden) * hidden**-0.5
+        hs = torch.zeros(2, batch, hidden)
+        hs[0] = h0
+        kernel.forward(torch.zeros(1, batch, hidden), w_hh, torch.zeros(hidden), hs)
+        exact = torch.tanh(h0.double() @ w_hh.double().T)
+        torch.testing.assert_close(hs[1].double(), exact, rtol=0, atol=1e-6)
+        grad = torch.randn(1, batch, hidden)
+        dh, dz = torch.zeros(batch, hidden), torch.empty(1, batch, hidden)
+        kernel.backward(hs[1:], grad, w_hh, dh, dz)
+        exact_dz = grad.double() * (1 - hs[1].double() ** 2)
+        torch.testing.assert_close(dz.double(), exact_dz, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(dh.double(), dz[0].double() @ w_hh.double(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [28, 5, 37])  # padded vectors of the row: 4, 3 and 3 lanes
+def test_fused_loss_matches_cross_entropy(kernel: native.TanhRecurrenceKernel, vocab: int) -> None:
+    """The output layer and the mean cross-entropy in the kernel: loss and the gradients of
+    the hidden outputs, weight and bias against ``F.cross_entropy(F.linear(...))``."""
+    torch.manual_seed(2)
+    rows, hidden = 1120, 256
+    y = (torch.randn(rows, hidden) * 0.5).requires_grad_(True)
+    weight = (torch.randn(vocab, hidden) * 0.1).requires_grad_(True)
+    bias = torch.randn(vocab).requires_grad_(True)
+    targets = torch.randint(0, vocab, (rows,))
+    losses, grads = [], []
+    for fused in (False, True):
+        if fused:
+            loss = CompiledLinearCrossEntropy.apply(kernel, y, weight, bias, targets)
+        else:
+            loss = F.cross_entropy(F.linear(y, weight, bias), targets)
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss * 3, (y, weight, bias)))  # 3: dL/dloss != 1
+    assert losses[1].dtype == torch.float32
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    for name, fused, framework in zip(
+        ["d y", "d weight", "d bias"], grads[1], grads[0], strict=True
+    ):
+        torch.testing.assert_close(fused, framework, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_loss_keeps_nan_and_checks_targets(kernel: native.TanhRecurrenceKernel) -> None:
+    """A NaN logit gives a NaN loss (the job's divergence check needs it); a target outside
+    the vocabulary is an error, not a read out of bounds."""
+    y, weight, bias = torch.randn(4, 8), torch.randn(5, 8), torch.zeros(5)
+    y[2, 3] = float("nan")
+    loss = CompiledLinearCrossEntropy.apply(kernel, y, weight, bias, torch.tensor([0, 1, 2, 3]))
+    assert loss.isnan()
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        CompiledLinearCrossEntropy.apply(kernel, y, weight, bias, torch.tensor([0, 1, 5, 3]))
 
 
 def test_built_once_per_source_version(tmp_path: Path) -> None:

@@ -1,11 +1,10 @@
 """The compiled CPU kernel of the chapter's recurrence (``tanh_recurrence.c``), built on first use.
 
-The C source needs no torch headers: the system C compiler builds it in well under a second,
-once per source version, into ``<cache dir>/native`` (a build already next to this file, as in
-the container image, is used first). It is loaded with ctypes, and its matrix products call the
-BLAS functions of the torch library already in the process (MKL in torch's x86-64 wheels), so
-the products are torch's own. Where any of this is missing, :func:`load` says why and the job
-keeps the framework's operations (``--cpu-kernel auto``).
+The C source needs no torch headers and no BLAS: the system C compiler builds it in well under
+a second, once per source version, into ``<cache dir>/native`` (a build already next to this
+file, as in the container image, is used first), and it is loaded with ctypes. Its threads are
+torch's own OpenMP pool. Where any of this is missing, :func:`load` says why and the job keeps
+the framework's operations (``--cpu-kernel auto``).
 """
 
 from __future__ import annotations
@@ -27,13 +26,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("tanh_recurrence.c")
 CFLAGS = ("-O2", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
-# MKL's packed-matrix products and per-thread thread count, exported by torch's x86-64 library.
-BLAS_SYMBOLS = (
-    "SGEMM_PACK_GET_SIZE",
-    "SGEMM_PACK",
-    "SGEMM_COMPUTE",
-    "MKL_Set_Num_Threads_Local",
-)
+LIBS = ("-lm",)  # after the source: linkers that drop unneeded libraries look in order
 
 
 class KernelUnavailable(RuntimeError):
@@ -44,7 +37,7 @@ class TanhRecurrenceKernel:
     """The loaded library; tensors in, tensors filled in place (float32, contiguous, CPU).
 
     The rows of the batch are split over torch's intra-op threads (``torch.get_num_threads``),
-    each running its rows' time steps with single-threaded products; the split changes no bit.
+    each running its rows' time steps; the split changes no bit.
     """
 
     def __init__(self, library: ctypes.CDLL) -> None:
@@ -55,6 +48,19 @@ class TanhRecurrenceKernel:
         library.tanh_recurrence_backward.argtypes = [*ints, *ptrs * 6, ctypes.c_int]
         library.tanh_recurrence_forward.restype = ctypes.c_int
         library.tanh_recurrence_backward.restype = ctypes.c_int
+        strides = [ctypes.c_int64] * 2
+        library.strided_matmul.argtypes = [
+            *ints,
+            *ptrs,
+            *strides,
+            *ptrs,
+            *strides,
+            *ptrs,
+            ctypes.c_int,
+        ]
+        library.strided_matmul.restype = ctypes.c_int
+        library.softmax_cross_entropy.argtypes = [ctypes.c_int] * 2 + [*ptrs * 4, ctypes.c_int]
+        library.softmax_cross_entropy.restype = ctypes.c_int
 
     def forward(self, pre: Tensor, w_hh: Tensor, b_hh: Tensor, hs: Tensor) -> None:
         """Fill ``hs[1:]`` (T+1, B, H) from ``hs[0]`` and ``pre`` (T, B, H)."""
@@ -76,6 +82,38 @@ class TanhRecurrenceKernel:
         )
         _check(status)
 
+    def matmul(self, a: Tensor, b: Tensor) -> Tensor:
+        """``a @ b`` for 2-D float32 CPU tensors of any strides (transposed views need no copy),
+        with the kernel's own products: every element one FMA chain over k, in order."""
+        (m, k), n = a.shape, b.shape[1]
+        out = a.new_empty(m, n)
+        status = self._lib.strided_matmul(
+            m,
+            n,
+            k,
+            a.data_ptr(),
+            *a.stride(),
+            b.data_ptr(),
+            *b.stride(),
+            out.data_ptr(),
+            self._threads(),
+        )
+        _check(status)
+        return out
+
+    def softmax_cross_entropy(self, logits: Tensor, bias: Tensor, targets: Tensor) -> Tensor:
+        """Per-row cross-entropy (float64) of ``logits + bias`` (N, V) against ``targets`` (N,);
+        ``logits`` is overwritten with ``softmax(logits + bias) - one_hot(targets)``."""
+        n, vocab = logits.shape
+        losses = torch.empty(n, dtype=torch.float64)
+        status = self._lib.softmax_cross_entropy(
+            n, vocab, *map(_ptr, (logits, bias, targets, losses)), self._threads()
+        )
+        if status & 1:
+            raise IndexError(f"a target is outside the vocabulary [0, {vocab})")
+        _check(status)
+        return losses
+
     def _threads(self) -> int:
         return self.threads or torch.get_num_threads()
 
@@ -95,9 +133,6 @@ def why_unavailable() -> str | None:
     flags = _cpu_flags()
     if not {"avx2", "fma"} <= flags:
         return "this CPU lacks AVX2/FMA"
-    blas = _torch_blas()
-    if blas is None or not all(hasattr(blas, name) for name in BLAS_SYMBOLS):
-        return "this torch build does not export MKL's packed sgemm"
     return None
 
 
@@ -112,11 +147,6 @@ def load(cache_dir: Path) -> TanhRecurrenceKernel:
         library = ctypes.CDLL(str(path))
     except OSError as exc:  # e.g. a noexec temp dir, or a damaged file
         raise KernelUnavailable(f"cannot load {path}: {exc}") from None
-    blas = _torch_blas()
-    assert blas is not None
-    library.tanh_recurrence_init(
-        *(ctypes.cast(getattr(blas, n), ctypes.c_void_p) for n in BLAS_SYMBOLS)
-    )
     return TanhRecurrenceKernel(library)
 
 
@@ -136,7 +166,7 @@ def build(directory: Path) -> Path:
     try:
         try:
             done = subprocess.run(
-                [*compiler, *CFLAGS, str(SOURCE), "-o", partial],
+                [*compiler, *CFLAGS, str(SOURCE), *LIBS, "-o", partial],
                 capture_output=True,
                 text=True,
                 timeout=300,
@@ -154,7 +184,8 @@ def build(directory: Path) -> Path:
 
 def library_name() -> str:
     """One file per version of the source and flags, so an edit never loads a stale build."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()
+    flags = " ".join(CFLAGS + LIBS)
+    digest = hashlib.sha256(SOURCE.read_bytes() + flags.encode()).hexdigest()
     return f"tanh_recurrence-{digest[:16]}.so"
 
 
@@ -185,14 +216,6 @@ def _private_temp_dir() -> Path:
     return path
 
 
-def _torch_blas() -> ctypes.CDLL | None:
-    path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
-    try:
-        return ctypes.CDLL(str(path))
-    except OSError:
-        return None
-
-
 def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -210,4 +233,4 @@ def _ptr(tensor: Tensor | None) -> int | None:
 
 def _check(status: int) -> None:
     if status != 0:
-        raise MemoryError("the recurrence kernel could not allocate its packed weights")
+        raise MemoryError("the compiled kernel could not allocate its packed blocks")

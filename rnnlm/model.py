@@ -8,7 +8,8 @@ numbers (see :class:`TanhRecurrence`): ``one_hot(x) @ W_ih^T`` is exactly the ro
 are one large matrix product instead of one small product per time step. The parameters are
 still those of ``nn.RNN``, so the state_dict is unchanged. Where the job loads it, the compiled
 kernel (:mod:`rnnlm.native`, :class:`CompiledTanhRecurrence`) runs that recurrence instead, one
-call per sequence and direction. On CUDA, and for GRU/LSTM, the framework's layer (cuDNN on a
+call per sequence and direction, and the loss given targets (:class:`CompiledLinearCrossEntropy`).
+On CUDA, and for GRU/LSTM, the framework's layer (cuDNN on a
 GPU) runs as in the chapter.
 
 Shape legend: ``B`` batch rows, ``T`` time steps, ``V`` vocabulary size, ``H`` hidden units,
@@ -17,7 +18,6 @@ Shape legend: ``B`` batch rows, ``T`` time steps, ``V`` vocabulary size, ``H`` h
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -169,9 +169,9 @@ class TanhRecurrence(torch.autograd.Function):
 class CompiledTanhRecurrence(torch.autograd.Function):
     """:class:`TanhRecurrence` with each direction in one call of the compiled kernel.
 
-    The matrix products are the BLAS products torch runs; ``tanh`` is the kernel's own (within
-    2 ulp of the exact value, where torch's differs by < 1 ulp), so outputs match the framework
-    path to round-off, not bit for bit. The backward's elementwise operations round as
+    The step's matrix products are the kernel's own (each element one FMA chain in order) and
+    so is ``tanh`` (within 2 ulp of the exact value, where torch's differs by < 1 ulp), so
+    outputs match the framework path to round-off, not bit for bit. The backward's elementwise operations round as
     :class:`TanhRecurrence`'s do; the weight gradient is the same one large product.
     """
 
@@ -199,16 +199,16 @@ class CompiledTanhRecurrence(torch.autograd.Function):
         dz = torch.empty_like(outs)
         grad = None if grad_out is None else grad_out.contiguous()
         ctx.kernel.backward(outs, grad, w_hh, dh, dz)
-        need_w, need_b = ctx.needs_input_grad[3:5]
-        grad_w, grad_b = _weight_grads(dz, hs, need_w, need_b, ctx.kernel.matmul)
+        grad_w, grad_b = _weight_grads(dz, hs, *ctx.needs_input_grad[3:5])
         return None, dz, dh if ctx.needs_input_grad[2] else None, grad_w, grad_b
 
 
 class CompiledLinearCrossEntropy(torch.autograd.Function):
-    """``cross_entropy(y @ W^T + b, targets)`` (mean over rows) in two calls of the compiled
-    kernel: its own matrix product, then bias, log-sum-exp and the gradient with respect to the
-    logits (softmax minus one-hot) in one pass over each row. Backward needs only that gradient:
-    dL/dy = G W, dL/dW = G^T y, dL/db = column sums of G, with G scaled by the mean's 1/N.
+    """``cross_entropy(y @ W^T + b, targets)`` (mean over rows): after the product, one call of
+    the compiled kernel adds the bias and computes each row's log-sum-exp, loss and the
+    gradient with respect to the logits (softmax minus one-hot), in one pass over the row, where
+    the framework runs about ten operations forward and back. Backward needs only that
+    gradient G, scaled by the mean's 1/N: dL/dy = G W, dL/dW = G^T y, dL/db = column sums of G.
     Equal to the framework's loss to round-off (the row losses are summed in float64).
     """
 
@@ -221,9 +221,8 @@ class CompiledLinearCrossEntropy(torch.autograd.Function):
         bias: Tensor,
         targets: Tensor,
     ) -> Tensor:
-        logits = kernel.matmul(y, weight.t())
+        logits = y @ weight.t()
         losses = kernel.softmax_cross_entropy(logits, bias.contiguous(), targets.contiguous())
-        ctx.kernel = kernel
         ctx.save_for_backward(y, weight, logits)  # logits now holds softmax - one_hot
         return (losses.sum() / len(losses)).float()
 
@@ -234,25 +233,21 @@ class CompiledLinearCrossEntropy(torch.autograd.Function):
         need_y, need_w, need_b = ctx.needs_input_grad[1:4]
         return (
             None,
-            ctx.kernel.matmul(grad_logits, weight) if need_y else None,
-            ctx.kernel.matmul(grad_logits.t(), y) if need_w else None,
+            grad_logits @ weight if need_y else None,
+            grad_logits.t() @ y if need_w else None,
             grad_logits.sum(dim=0) if need_b else None,
             None,
         )
 
 
 def _weight_grads(
-    dz: Tensor,
-    hs: Tensor,
-    need_w: bool,
-    need_b: bool,
-    matmul: Callable[[Tensor, Tensor], Tensor] = torch.mm,
+    dz: Tensor, hs: Tensor, need_w: bool, need_b: bool
 ) -> tuple[Tensor | None, Tensor | None]:
     """``dL/dW_hh = sum_t dz_t^T h_{t-1}`` as ONE (H x T*B) @ (T*B x H) product, and
     ``dL/db_hh = sum_t dz_t``; ``hs`` holds h_0..h_T."""
     hidden = dz.shape[-1]
     flat = dz.reshape(-1, hidden)
-    grad_w = matmul(flat.t(), hs[:-1].reshape(-1, hidden)) if need_w else None
+    grad_w = flat.t() @ hs[:-1].reshape(-1, hidden) if need_w else None
     return grad_w, flat.sum(dim=0) if need_b else None
 
 

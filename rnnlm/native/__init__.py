@@ -48,17 +48,6 @@ class TanhRecurrenceKernel:
         library.tanh_recurrence_backward.argtypes = [*ints, *ptrs * 6, ctypes.c_int]
         library.tanh_recurrence_forward.restype = ctypes.c_int
         library.tanh_recurrence_backward.restype = ctypes.c_int
-        strides = [ctypes.c_int64] * 2
-        library.strided_matmul.argtypes = [
-            *ints,
-            *ptrs,
-            *strides,
-            *ptrs,
-            *strides,
-            *ptrs,
-            ctypes.c_int,
-        ]
-        library.strided_matmul.restype = ctypes.c_int
         library.softmax_cross_entropy.argtypes = [ctypes.c_int] * 2 + [*ptrs * 4, ctypes.c_int]
         library.softmax_cross_entropy.restype = ctypes.c_int
 
@@ -81,25 +70,6 @@ class TanhRecurrenceKernel:
             steps, batch, hidden, *map(_ptr, args), self._threads()
         )
         _check(status)
-
-    def matmul(self, a: Tensor, b: Tensor) -> Tensor:
-        """``a @ b`` for 2-D float32 CPU tensors of any strides (transposed views need no copy),
-        with the kernel's own products: every element one FMA chain over k, in order."""
-        (m, k), n = a.shape, b.shape[1]
-        out = a.new_empty(m, n)
-        status = self._lib.strided_matmul(
-            m,
-            n,
-            k,
-            a.data_ptr(),
-            *a.stride(),
-            b.data_ptr(),
-            *b.stride(),
-            out.data_ptr(),
-            self._threads(),
-        )
-        _check(status)
-        return out
 
     def softmax_cross_entropy(self, logits: Tensor, bias: Tensor, targets: Tensor) -> Tensor:
         """Per-row cross-entropy (float64) of ``logits + bias`` (N, V) against ``targets`` (N,);

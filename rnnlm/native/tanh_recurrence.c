@@ -12,7 +12,6 @@
  */
 #include <immintrin.h>
 #include <math.h>
-#include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -91,31 +90,19 @@ static void pack_panel(const float *src, int k_dim, int n, int64_t k_stride, int
         }
 }
 
-/* c[i][0 .. cols) (+)= a[i] @ panel for M rows; a's element (i, k) is a[i * ar + k * ak]. Every
- * element is one FMA chain over k in order, from zero or (accumulate) from c's value, so a row's
- * result depends neither on M nor on where the k range was cut into blocks. */
+/* c[i][0 .. cols) = a[i] @ panel for M rows of a (row stride lda). Every element is one chain
+ * of fused multiply-adds over k = 0 .. k_dim-1 in order, from zero, so a row's result does not
+ * depend on M: on which tile, run or rank the row falls in. */
 #define DEFINE_TILE(M)                                                                         \
-    static void tile_##M(const float *a, int64_t ar, int64_t ak, const float *panel, int k_dim, \
-                         float *c, int64_t ldc, int cols, int accumulate) {                   \
+    static void tile_##M(const float *a, int64_t lda, const float *panel, int k_dim, float *c,  \
+                         int64_t ldc, int cols) {                                             \
         __m256 lo[M], hi[M];                                                                  \
-        float buf[NR] = {0};                                                                  \
-        _Pragma("GCC unroll 6") for (int i = 0; i < M; i++) {                                 \
-            if (!accumulate) {                                                                \
-                lo[i] = hi[i] = _mm256_setzero_ps();                                          \
-            } else if (cols == NR) {                                                          \
-                lo[i] = _mm256_loadu_ps(c + i * ldc);                                         \
-                hi[i] = _mm256_loadu_ps(c + i * ldc + 8);                                     \
-            } else {                                                                          \
-                memcpy(buf, c + i * ldc, cols * sizeof(float));                               \
-                lo[i] = _mm256_loadu_ps(buf);                                                 \
-                hi[i] = _mm256_loadu_ps(buf + 8);                                             \
-            }                                                                                 \
-        }                                                                                     \
+        _Pragma("GCC unroll 6") for (int i = 0; i < M; i++) lo[i] = hi[i] = _mm256_setzero_ps(); \
         for (int k = 0; k < k_dim; k++) {                                                     \
             __m256 b0 = _mm256_loadu_ps(panel + (int64_t)k * NR);                             \
             __m256 b1 = _mm256_loadu_ps(panel + (int64_t)k * NR + 8);                         \
             _Pragma("GCC unroll 6") for (int i = 0; i < M; i++) {                             \
-                __m256 av = _mm256_broadcast_ss(a + i * ar + k * ak);                         \
+                __m256 av = _mm256_broadcast_ss(a + i * lda + k);                             \
                 lo[i] = _mm256_fmadd_ps(av, b0, lo[i]);                                       \
                 hi[i] = _mm256_fmadd_ps(av, b1, hi[i]);                                       \
             }                                                                                 \
@@ -125,7 +112,8 @@ static void pack_panel(const float *src, int k_dim, int n, int64_t k_stride, int
             if (cols == NR) {                                                                 \
                 _mm256_storeu_ps(row, lo[i]);                                                 \
                 _mm256_storeu_ps(row + 8, hi[i]);                                             \
-            } else {                                                                          \
+            } else { /* the last panel of a width that is not a multiple of NR */            \
+                float buf[NR];                                                                \
                 _mm256_storeu_ps(buf, lo[i]);                                                 \
                 _mm256_storeu_ps(buf + 8, hi[i]);                                             \
                 memcpy(row, buf, cols * sizeof(float));                                       \
@@ -139,28 +127,21 @@ DEFINE_TILE(4)
 DEFINE_TILE(5)
 DEFINE_TILE(6)
 
-typedef void (*tile_fn)(const float *, int64_t, int64_t, const float *, int, float *, int64_t, int,
-                        int);
+typedef void (*tile_fn)(const float *, int64_t, const float *, int, float *, int64_t, int);
 static const tile_fn tiles[MR + 1] = {NULL, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6};
-
-/* Rows [first, last) of c (row stride ldc) (+)= a @ one panel (columns [p * NR, p * NR + cols)). */
-static void rows_times_panel(const float *a, int64_t ar, int64_t ak, int first, int last,
-                             const float *panel, int k_dim, float *c, int64_t ldc, int cols,
-                             int accumulate) {
-    for (int i = first; i < last; i += MR) {
-        int m = last - i < MR ? last - i : MR;
-        tiles[m](a + i * ar, ar, ak, panel, k_dim, c + i * ldc, ldc, cols, accumulate);
-    }
-}
 
 /* c (rows x n, row stride n) = a (rows x k_dim, row stride k_dim) @ B, B packed by pack_panel.
  * Panel by panel, so that a panel stays in the L1 cache while every row tile uses it. */
 static void matmul_panels(const float *a, int rows, int k_dim, const float *panels, int n,
                           float *c) {
     for (int p = 0; p * NR < n; p++) {
+        const float *panel = panels + (int64_t)p * k_dim * NR;
         int cols = n - p * NR < NR ? n - p * NR : NR;
-        rows_times_panel(a, k_dim, 1, 0, rows, panels + (int64_t)p * k_dim * NR, k_dim,
-                         c + p * NR, n, cols, 0);
+        for (int i = 0; i < rows; i += MR) {
+            int m = rows - i < MR ? rows - i : MR;
+            tiles[m](a + (int64_t)i * k_dim, k_dim, panel, k_dim, c + (int64_t)i * n + p * NR, n,
+                     cols);
+        }
     }
 }
 
@@ -275,44 +256,6 @@ int tanh_recurrence_backward(int steps, int batch, int hidden, const float *outs
                            .outs = outs, .grad_out = grad_out, .dh = dh, .dz = dz,
                            .scratch = scratch};
     return run_split(backward_rows, job, w_hh, 0, batch, threads);
-}
-
-#define KB 256 /* k per block of the general product: a packed block panel is 16 KB */
-
-/* c (m x n, row-major, contiguous) = A @ B for strided A (m x k: element (i, k) at
- * a[i * ar + k * ak]) and B (k x n: element (k, j) at b[k * bk + j * bj]); for the weight
- * gradients, e.g. dz^T @ h over all time steps. Each thread takes whole panels of 16 columns
- * (or, with fewer panels than threads, whole rows) and packs its own blocks of B. The result
- * does not depend on the number of threads. Returns 0, or -1 when out of memory. */
-int strided_matmul(int m, int n, int k_dim, const float *a, int64_t ar, int64_t ak,
-                   const float *b, int64_t bk, int64_t bj, float *c, int threads) {
-    const int num_panels = (n + NR - 1) / NR, num_tiles = (m + MR - 1) / MR;
-    const int by_panel = num_panels >= threads;
-    if (threads > (by_panel ? num_panels : num_tiles)) threads = by_panel ? num_panels : num_tiles;
-    if (threads < 1) threads = 1;
-    int failed = 0;
-#pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
-    {
-        int t = omp_get_thread_num(), count = omp_get_num_threads();
-        int p_first = by_panel ? num_panels * t / count : 0;
-        int p_last = by_panel ? num_panels * (t + 1) / count : num_panels;
-        int r_first = by_panel ? 0 : MR * (num_tiles * t / count);
-        int r_last = by_panel ? m : MR * (num_tiles * (t + 1) / count);
-        if (r_last > m) r_last = m;
-        float *block = aligned_alloc(64, KB * NR * sizeof(float));
-        failed = block == NULL;
-        for (int p = p_first; block && p < p_last; p++) {
-            int cols = n - p * NR < NR ? n - p * NR : NR;
-            for (int k0 = 0; k0 < k_dim; k0 += KB) {
-                int kn = k_dim - k0 < KB ? k_dim - k0 : KB;
-                pack_panel(b + k0 * bk, kn, n, bk, bj, p, block);
-                rows_times_panel(a + k0 * ak, ar, ak, r_first, r_last, block, kn, c + p * NR, n,
-                                 cols, k0 > 0);
-            }
-        }
-        free(block);
-    }
-    return failed ? -1 : 0;
 }
 
 /* exp(x) for x <= 0 (the softmax below): exp8 with its argument kept where 2^n is a normal

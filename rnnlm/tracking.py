@@ -414,7 +414,7 @@ class MlflowTracker:
             )
         if self.system_metrics is not None:
             try:
-                self.system_metrics.finish()
+                _finish_system_metrics(self.system_metrics)
             except Exception as exc:
                 log.warning("system metrics did not stop cleanly: %s", exc)
         # A failing or preempted job must exit soon: the launcher kills it after ~30 s anyway.
@@ -456,3 +456,12 @@ def standard_tags(
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def _finish_system_metrics(monitor: Any) -> None:
+    """Stop MLflow's monitor, then record one last sample: its thread publishes only after a
+    full sampling interval, so a run shorter than that would otherwise have no system metrics."""
+    monitor.finish()
+    monitor.collect_metrics()
+    monitor.publish_metrics(monitor.aggregate_metrics())
+    monitor.mlflow_logger.flush()

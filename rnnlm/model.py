@@ -171,8 +171,9 @@ class CompiledTanhRecurrence(torch.autograd.Function):
 
     The step's matrix products are the kernel's own (each element one FMA chain in order) and
     so is ``tanh`` (within 2 ulp of the exact value, where torch's differs by < 1 ulp), so
-    outputs match the framework path to round-off, not bit for bit. The backward's elementwise operations round as
-    :class:`TanhRecurrence`'s do; the weight gradient is the same one large product.
+    outputs match the framework path to round-off, not bit for bit. The backward's elementwise
+    operations round as :class:`TanhRecurrence`'s do; the weight gradient is the same one large
+    product.
     """
 
     @staticmethod

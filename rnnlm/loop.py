@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from rnnlm.batching import Minibatch
 from rnnlm.distributed import DistInfo, all_reduce_sum
@@ -121,7 +122,8 @@ class EagerStep:
         with torch.autocast(
             x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None
         ):
-            loss, state = self.model(x, state, targets)  # mean over this rank's targets
+            logits, state = self.model(x, state)
+            loss = F.cross_entropy(logits.float(), targets)  # mean over this rank's targets
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages gradients over ranks: the mean over the global batch
         norm = clip_gradients(self.params, self.clip)

@@ -8,8 +8,7 @@ numbers (see :class:`TanhRecurrence`): ``one_hot(x) @ W_ih^T`` is exactly the ro
 are one large matrix product instead of one small product per time step. The parameters are
 still those of ``nn.RNN``, so the state_dict is unchanged. Where the job loads it, the compiled
 kernel (:mod:`rnnlm.native`, :class:`CompiledTanhRecurrence`) runs that recurrence instead, one
-call per sequence and direction, and the loss given targets (:class:`CompiledLinearCrossEntropy`).
-On CUDA, and for GRU/LSTM, the framework's layer (cuDNN on a
+call per sequence and direction. On CUDA, and for GRU/LSTM, the framework's layer (cuDNN on a
 GPU) runs as in the chapter.
 
 Shape legend: ``B`` batch rows, ``T`` time steps, ``V`` vocabulary size, ``H`` hidden units,
@@ -57,29 +56,14 @@ class RNNLM(nn.Module):
         # time step in one call; None runs the framework's operations.
         self.kernel: TanhRecurrenceKernel | None = None
 
-    def forward(
-        self, inputs: Tensor, state: State, targets: Tensor | None = None
-    ) -> tuple[Tensor, State]:
-        """``inputs`` (B, T) token ids -> logits (T*B, V) in time-major order, new state.
-
-        With ``targets`` (T*B,) in the same order, returns the mean cross-entropy loss (a
-        float32 scalar) instead of the logits; with the compiled kernel, the output layer and
-        the loss are then its fused :class:`CompiledLinearCrossEntropy`.
-        """
+    def forward(self, inputs: Tensor, state: State) -> tuple[Tensor, State]:
+        """``inputs`` (B, T) token ids -> logits (T*B, V) in time-major order, new state."""
         if self.fast_cpu and inputs.device.type == "cpu" and isinstance(state, Tensor):
             y, state = self._tanh_layers(inputs.T.long(), state)
         else:
             x = F.one_hot(inputs.T.long(), self.config.vocab_size).to(torch.float32)  # (T, B, V)
             y, state = self.rnn(x, state)  # y: (T, B, H)
-        y = y.reshape(-1, y.shape[-1])
-        if targets is None:
-            return self.linear(y), state
-        if self.kernel is not None and y.device.type == "cpu" and y.dtype == torch.float32:
-            loss = CompiledLinearCrossEntropy.apply(
-                self.kernel, y, self.linear.weight, self.linear.bias, targets
-            )
-            return loss, state
-        return F.cross_entropy(self.linear(y).float(), targets), state
+        return self.linear(y.reshape(-1, y.shape[-1])), state
 
     def _tanh_layers(self, ids: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """``nn.RNN``'s CPU computation, layer by layer: the input projection of the whole
@@ -202,43 +186,6 @@ class CompiledTanhRecurrence(torch.autograd.Function):
         ctx.kernel.backward(outs, grad, w_hh, dh, dz)
         grad_w, grad_b = _weight_grads(dz, hs, *ctx.needs_input_grad[3:5])
         return None, dz, dh if ctx.needs_input_grad[2] else None, grad_w, grad_b
-
-
-class CompiledLinearCrossEntropy(torch.autograd.Function):
-    """``cross_entropy(y @ W^T + b, targets)`` (mean over rows): after the product, one call of
-    the compiled kernel adds the bias and computes each row's log-sum-exp, loss and the
-    gradient with respect to the logits (softmax minus one-hot), in one pass over the row, where
-    the framework runs about ten operations forward and back. Backward needs only that
-    gradient G, scaled by the mean's 1/N: dL/dy = G W, dL/dW = G^T y, dL/db = column sums of G.
-    Equal to the framework's loss to round-off (the row losses are summed in float64).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        kernel: TanhRecurrenceKernel,
-        y: Tensor,
-        weight: Tensor,
-        bias: Tensor,
-        targets: Tensor,
-    ) -> Tensor:
-        logits = y @ weight.t()
-        losses = kernel.softmax_cross_entropy(logits, bias.contiguous(), targets.contiguous())
-        ctx.save_for_backward(y, weight, logits)  # logits now holds softmax - one_hot
-        return (losses.sum() / len(losses)).float()
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
-        y, weight, grad_logits = ctx.saved_tensors
-        grad_logits = grad_logits * (grad_loss / len(grad_logits))
-        need_y, need_w, need_b = ctx.needs_input_grad[1:4]
-        return (
-            None,
-            grad_logits @ weight if need_y else None,
-            grad_logits.t() @ y if need_w else None,
-            grad_logits.sum(dim=0) if need_b else None,
-            None,
-        )
 
 
 def _weight_grads(

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from rnnlm import native
-from rnnlm.model import CompiledLinearCrossEntropy, CompiledTanhRecurrence
+from rnnlm.model import CompiledTanhRecurrence
 from tests.conftest import job_env, read_train_info, run_job
 from tests.test_bad_input import assert_refused
 
@@ -100,43 +99,6 @@ def test_products_match_float64(kernel: native.TanhRecurrenceKernel) -> None:
         exact_dz = grad.double() * (1 - hs[1].double() ** 2)
         torch.testing.assert_close(dz.double(), exact_dz, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(dh.double(), dz[0].double() @ w_hh.double(), rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("vocab", [28, 5, 37])  # padded vectors of the row: 4, 3 and 3 lanes
-def test_fused_loss_matches_cross_entropy(kernel: native.TanhRecurrenceKernel, vocab: int) -> None:
-    """The output layer and the mean cross-entropy in the kernel: loss and the gradients of
-    the hidden outputs, weight and bias against ``F.cross_entropy(F.linear(...))``."""
-    torch.manual_seed(2)
-    rows, hidden = 1120, 256
-    y = (torch.randn(rows, hidden) * 0.5).requires_grad_(True)
-    weight = (torch.randn(vocab, hidden) * 0.1).requires_grad_(True)
-    bias = torch.randn(vocab).requires_grad_(True)
-    targets = torch.randint(0, vocab, (rows,))
-    losses, grads = [], []
-    for fused in (False, True):
-        if fused:
-            loss = CompiledLinearCrossEntropy.apply(kernel, y, weight, bias, targets)
-        else:
-            loss = F.cross_entropy(F.linear(y, weight, bias), targets)
-        losses.append(loss.detach())
-        grads.append(torch.autograd.grad(loss * 3, (y, weight, bias)))  # 3: dL/dloss != 1
-    assert losses[1].dtype == torch.float32
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
-    for name, fused, framework in zip(
-        ["d y", "d weight", "d bias"], grads[1], grads[0], strict=True
-    ):
-        torch.testing.assert_close(fused, framework, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_fused_loss_keeps_nan_and_checks_targets(kernel: native.TanhRecurrenceKernel) -> None:
-    """A NaN logit gives a NaN loss (the job's divergence check needs it); a target outside
-    the vocabulary is an error, not a read out of bounds."""
-    y, weight, bias = torch.randn(4, 8), torch.randn(5, 8), torch.zeros(5)
-    y[2, 3] = float("nan")
-    loss = CompiledLinearCrossEntropy.apply(kernel, y, weight, bias, torch.tensor([0, 1, 2, 3]))
-    assert loss.isnan()
-    with pytest.raises(IndexError, match="outside the vocabulary"):
-        CompiledLinearCrossEntropy.apply(kernel, y, weight, bias, torch.tensor([0, 1, 5, 3]))
 
 
 def test_built_once_per_source_version(tmp_path: Path) -> None:

@@ -83,12 +83,9 @@ def test_first_50_losses_equal_the_chapters_one_hot_loop(
     assert ours == pytest.approx(baseline, rel=1e-4)
 
 
-def _outputs_and_grads(
-    model: RNNLM, hidden: int, layers: int, fused_loss: bool = False
-) -> list[tuple]:
+def _outputs_and_grads(model: RNNLM, hidden: int, layers: int) -> list[tuple]:
     """Logits, new state, parameter gradients and the incoming state's gradient, once on
-    ``nn.RNN`` and once on the model's fast path (whichever recurrence it is set to; with
-    ``fused_loss``, the fast path's loss is the model's own, given the targets)."""
+    ``nn.RNN`` and once on the model's fast path (whichever recurrence it is set to)."""
     vocab_size, batch, steps = model.config.vocab_size, 6, 9
     x = torch.randint(0, vocab_size, (batch, steps))
     y = torch.randint(0, vocab_size, (batch, steps))
@@ -99,13 +96,10 @@ def _outputs_and_grads(
         model.zero_grad(set_to_none=True)
         state = h0.clone().requires_grad_(True)
         logits, new_state = model(x, state)
-        if fast and fused_loss:
-            loss, new_state = model(x, state, y.T.reshape(-1))
-        else:
-            loss = F.cross_entropy(logits, y.T.reshape(-1))
         assert isinstance(new_state, torch.Tensor)
         # A loss on the new state too, so its gradient path is exercised.
-        (loss + new_state.square().mean()).backward()
+        loss = F.cross_entropy(logits, y.T.reshape(-1)) + new_state.square().mean()
+        loss.backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         results.append((logits.detach(), new_state.detach(), grads, state.grad))
     return results
@@ -129,14 +123,13 @@ def test_hand_written_backward_matches_nn_rnn(layers: int) -> None:
 @compiled_kernel
 @pytest.mark.parametrize(("layers", "hidden"), [(1, 32), (2, 32), (1, 13)])
 def test_compiled_kernel_matches_nn_rnn(tmp_path: Path, layers: int, hidden: int) -> None:
-    """The compiled recurrence, products and loss against ``nn.RNN`` and the framework's
-    cross-entropy: its own tanh (within 2 ulp) and products make it equal to round-off, not
-    bit for bit. 13 hidden units exercise the kernel's partial vectors and panels."""
+    """The compiled recurrence against ``nn.RNN``: its own tanh (within 2 ulp) makes it equal
+    to round-off, not bit for bit. 13 hidden units exercise the kernel's partial vectors and
+    panels."""
     torch.manual_seed(1)
     model = RNNLM(ModelConfig(28, num_hiddens=hidden, num_layers=layers))
     model.kernel = native.load(tmp_path)
-    results = _outputs_and_grads(model, hidden, layers, fused_loss=True)
-    (l0, s0, g0, h0_grad0), (l1, s1, g1, h0_grad1) = results
+    (l0, s0, g0, h0_grad0), (l1, s1, g1, h0_grad1) = _outputs_and_grads(model, hidden, layers)
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-6)
     assert g1.keys() == g0.keys() == {name for name, _ in model.named_parameters()}

@@ -26,7 +26,6 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("tanh_recurrence.c")
 CFLAGS = ("-O2", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
-LIBS = ("-lm",)  # after the source: linkers that drop unneeded libraries look in order
 
 
 class KernelUnavailable(RuntimeError):
@@ -48,8 +47,6 @@ class TanhRecurrenceKernel:
         library.tanh_recurrence_backward.argtypes = [*ints, *ptrs * 6, ctypes.c_int]
         library.tanh_recurrence_forward.restype = ctypes.c_int
         library.tanh_recurrence_backward.restype = ctypes.c_int
-        library.softmax_cross_entropy.argtypes = [ctypes.c_int] * 2 + [*ptrs * 4, ctypes.c_int]
-        library.softmax_cross_entropy.restype = ctypes.c_int
 
     def forward(self, pre: Tensor, w_hh: Tensor, b_hh: Tensor, hs: Tensor) -> None:
         """Fill ``hs[1:]`` (T+1, B, H) from ``hs[0]`` and ``pre`` (T, B, H)."""
@@ -70,19 +67,6 @@ class TanhRecurrenceKernel:
             steps, batch, hidden, *map(_ptr, args), self._threads()
         )
         _check(status)
-
-    def softmax_cross_entropy(self, logits: Tensor, bias: Tensor, targets: Tensor) -> Tensor:
-        """Per-row cross-entropy (float64) of ``logits + bias`` (N, V) against ``targets`` (N,);
-        ``logits`` is overwritten with ``softmax(logits + bias) - one_hot(targets)``."""
-        n, vocab = logits.shape
-        losses = torch.empty(n, dtype=torch.float64)
-        status = self._lib.softmax_cross_entropy(
-            n, vocab, *map(_ptr, (logits, bias, targets, losses)), self._threads()
-        )
-        if status & 1:
-            raise IndexError(f"a target is outside the vocabulary [0, {vocab})")
-        _check(status)
-        return losses
 
     def _threads(self) -> int:
         return self.threads or torch.get_num_threads()
@@ -136,7 +120,7 @@ def build(directory: Path) -> Path:
     try:
         try:
             done = subprocess.run(
-                [*compiler, *CFLAGS, str(SOURCE), *LIBS, "-o", partial],
+                [*compiler, *CFLAGS, str(SOURCE), "-o", partial],
                 capture_output=True,
                 text=True,
                 timeout=300,
@@ -154,8 +138,7 @@ def build(directory: Path) -> Path:
 
 def library_name() -> str:
     """One file per version of the source and flags, so an edit never loads a stale build."""
-    flags = " ".join(CFLAGS + LIBS)
-    digest = hashlib.sha256(SOURCE.read_bytes() + flags.encode()).hexdigest()
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()
     return f"tanh_recurrence-{digest[:16]}.so"
 
 

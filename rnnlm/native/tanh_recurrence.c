@@ -11,7 +11,6 @@
  * Built by rnnlm/native/__init__.py (x86-64 with AVX2 and FMA, gcc's OpenMP).
  */
 #include <immintrin.h>
-#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -256,59 +255,4 @@ int tanh_recurrence_backward(int steps, int batch, int hidden, const float *outs
                            .outs = outs, .grad_out = grad_out, .dh = dh, .dz = dz,
                            .scratch = scratch};
     return run_split(backward_rows, job, w_hh, 0, batch, threads);
-}
-
-/* exp(x) for x <= 0 (the softmax below): exp8 with its argument kept where 2^n is a normal
- * float (exp(-87) is 1.6e-38, beside the row's largest term, 1); NaN stays NaN. */
-static inline __m256 exp8_nonpositive(__m256 x) {
-    __m256 e = exp8(_mm256_max_ps(_mm256_set1_ps(-87.0f), x));
-    return _mm256_blendv_ps(e, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-}
-
-/* The chapter's loss on logits (n x vocab) = y W^T, in place: adds bias to every row, stores row
- * r's cross-entropy log(sum_j exp(l_rj)) - l_r,target in losses[r], and replaces the row by its
- * softmax minus the one-hot target: the gradient of the loss with respect to the logits.
- * Rows are independent: split over the threads, the numbers do not depend on the split.
- * Returns 0, or a sum of 1 (a target outside [0, vocab)) and 2 (out of memory). */
-int softmax_cross_entropy(int n, int vocab, float *logits, const float *bias,
-                          const int64_t *targets, double *losses, int threads) {
-    const int width = (vocab + 7) / 8 * 8;
-    int bad = 0;
-#pragma omp parallel num_threads(threads) if (threads > 1 && n >= 64) reduction(| : bad)
-    {
-        float *row_buf = aligned_alloc(32, 2 * width * sizeof(float)), *e = row_buf + width;
-#pragma omp for schedule(static)
-        for (int r = 0; r < n; r++) {
-            float *l = logits + (int64_t)r * vocab;
-            int64_t target = targets[r];
-            if (!row_buf || target < 0 || target >= vocab) {
-                bad |= row_buf ? 1 : 2;
-                continue;
-            }
-            float top = -INFINITY;
-            for (int j = 0; j < width; j++) {
-                row_buf[j] = j < vocab ? l[j] + bias[j] : 0.0f;
-                if (j < vocab && row_buf[j] > top) top = row_buf[j];
-            }
-            __m256 sum8 = _mm256_setzero_ps();
-            for (int j = 0; j < width; j += 8) {
-                __m256 v = _mm256_sub_ps(_mm256_load_ps(row_buf + j), _mm256_set1_ps(top));
-                __m256i lane = _mm256_add_epi32(_mm256_set1_epi32(j),
-                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-                __m256 real = _mm256_castsi256_ps(
-                    _mm256_cmpgt_epi32(_mm256_set1_epi32(vocab), lane)); /* pads: 0 */
-                __m256 ev = _mm256_and_ps(exp8_nonpositive(v), real);
-                _mm256_store_ps(e + j, ev);
-                sum8 = _mm256_add_ps(sum8, ev);
-            }
-            float parts[8], sum = 0.0f;
-            _mm256_storeu_ps(parts, sum8);
-            for (int j = 0; j < 8; j++) sum += parts[j];
-            losses[r] = (double)top + log((double)sum) - (double)row_buf[target];
-            const float inv = 1.0f / sum;
-            for (int j = 0; j < vocab; j++) l[j] = e[j] * inv - (float)(j == target);
-        }
-        free(row_buf);
-    }
-    return bad;
 }

@@ -406,17 +406,39 @@ class MlflowTracker:
         buffer.seek(0)
         return np.asarray(Image.open(buffer).convert("RGB"))
 
+    def _last_system_metrics(self) -> None:
+        """Stop MLflow's monitor, then send one last sample through the sender (bounded by its
+        deadline): the monitor publishes only after a full sampling interval, so a run shorter
+        than that would otherwise have no system metrics. Samples of an unfinished interval are
+        dropped first; the last sample's CPU figure covers the time since this thread's
+        previous one (for a short run, the whole run)."""
+        from mlflow.entities import Metric
+
+        monitor = self.system_metrics
+        monitor.finish()
+        for part in monitor.monitors:
+            part.clear_metrics()
+        monitor.collect_metrics()
+        now, step = int(time.time() * 1000), getattr(monitor, "_logging_step", 0)
+        metrics = [
+            Metric(f"system/{name}", float(value), now, step)
+            for name, value in monitor.aggregate_metrics().items()
+        ]
+        self.sender.submit(
+            "system metrics", lambda: self.client.log_batch(self._run_id, metrics=metrics)
+        )
+
     def close(self, status: str) -> None:
         """``status``: FINISHED, FAILED, or RUNNING (preempted: a retry continues the run)."""
+        if self.system_metrics is not None:
+            try:
+                self._last_system_metrics()
+            except Exception as exc:
+                log.warning("system metrics did not stop cleanly: %s", exc)
         if status != "RUNNING":
             self.sender.submit(
                 "run status", lambda: self.client.set_terminated(self._run_id, status=status)
             )
-        if self.system_metrics is not None:
-            try:
-                _finish_system_metrics(self.system_metrics)
-            except Exception as exc:
-                log.warning("system metrics did not stop cleanly: %s", exc)
         # A failing or preempted job must exit soon: the launcher kills it after ~30 s anyway.
         timeout = self.settings.flush_timeout if status == "FINISHED" else 10.0
         unsent = self.sender.close(timeout)
@@ -456,12 +478,3 @@ def standard_tags(
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
-
-
-def _finish_system_metrics(monitor: Any) -> None:
-    """Stop MLflow's monitor, then record one last sample: its thread publishes only after a
-    full sampling interval, so a run shorter than that would otherwise have no system metrics."""
-    monitor.finish()
-    monitor.collect_metrics()
-    monitor.publish_metrics(monitor.aggregate_metrics())
-    monitor.mlflow_logger.flush()

@@ -43,10 +43,11 @@ def test_tanh_within_two_ulp(kernel: native.TanhRecurrenceKernel) -> None:
 def test_rows_split_across_ranks_change_no_bit(
     kernel: native.TanhRecurrenceKernel, hidden: int
 ) -> None:
-    """What 2 ranks compute on 16 rows each, 32 ranks on 1 row each, and 3 or more threads on
-    their shares, equals the 32-row result of one thread bit for bit: outputs and the gradients
-    of the inputs and of h_0. (Every element is one chain of fused multiply-adds in the same
-    order, whatever register tile of 1-6 rows its row falls in.)"""
+    """What 2 ranks compute on 16 rows each, 32 ranks on 1 row each, a rank of 9 rows, and 3 or
+    more threads on their shares, equals the 32-row result of one thread bit for bit: outputs
+    and the gradients of the inputs and of h_0. (Every element is one chain of fused
+    multiply-adds in the same order, whatever register tile of 1-6 rows its row falls in; the
+    runs below use every tile size.)"""
     torch.manual_seed(0)
     steps, batch = 35, 32
     pre = torch.randn(steps, batch, hidden)
@@ -67,6 +68,9 @@ def test_rows_split_across_ranks_change_no_bit(
         whole = run(slice(None))
         halves = [run(slice(0, 16)), run(slice(16, 32))]
         singles = [run(slice(i, i + 1)) for i in range(batch)]  # 32 ranks of one row
+        nine = run(slice(0, 9))  # tiles of 6 and 3 rows
+        kernel.threads = 3  # 11 + 11 + 10 rows: tiles of 6 and 5, 6 and 4
+        three = run(slice(None))
         kernel.threads = 5  # 7 + 7 + 6 + 6 + 6 rows, one run per OpenMP thread
         threaded = run(slice(None))
         kernel.threads = 64  # capped at one row per thread
@@ -77,6 +81,8 @@ def test_rows_split_across_ranks_change_no_bit(
         joined = torch.cat([halves[0][part], halves[1][part]], dim=-2)
         assert torch.equal(joined, whole[part]), name
         assert torch.equal(torch.cat([s[part] for s in singles], dim=-2), whole[part]), name
+        assert torch.equal(nine[part], whole[part][..., :9, :]), name
+        assert torch.equal(three[part], whole[part]), name
         assert torch.equal(threaded[part], whole[part]), name
         assert torch.equal(capped[part], whole[part]), name
 

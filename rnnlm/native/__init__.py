@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("tanh_recurrence.c")
+# -ffp-contract=off: no multiply-add the source does not spell out, so the elementwise steps
+# round as the framework's do, and a row's bits do not depend on where a split puts it.
 CFLAGS = ("-O2", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
 
 
@@ -52,6 +54,9 @@ class TanhRecurrenceKernel:
         """Fill ``hs[1:]`` (T+1, B, H) from ``hs[0]`` and ``pre`` (T, B, H)."""
         steps, batch, hidden = pre.shape
         args = (pre, w_hh, b_hh, hs)
+        _check_shapes(
+            args, [(steps, batch, hidden), (hidden, hidden), (hidden,), (steps + 1, batch, hidden)]
+        )
         status = self._lib.tanh_recurrence_forward(
             steps, batch, hidden, *map(_ptr, args), self._threads()
         )
@@ -62,6 +67,10 @@ class TanhRecurrenceKernel:
     ) -> None:
         """``dz`` (T, B, H) := dL/dpre; ``dh`` (B, H): dL/dh_T in, dL/dh_0 out."""
         steps, batch, hidden = outs.shape
+        shapes = [(steps, batch, hidden), (hidden, hidden), (batch, hidden), (steps, batch, hidden)]
+        _check_shapes((outs, w_hh, dh, dz), shapes)
+        if grad_out is not None:
+            _check_shapes((grad_out,), shapes[:1])
         args = (outs, grad_out, w_hh, dh, dz, torch.empty_like(dh))  # the last: scratch
         status = self._lib.tanh_recurrence_backward(
             steps, batch, hidden, *map(_ptr, args), self._threads()
@@ -182,6 +191,17 @@ def _cpu_flags() -> set[str]:
 
 def _ptr(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
+
+
+def _check_shapes(tensors: tuple[Tensor, ...], shapes: list[tuple[int, ...]]) -> None:
+    """The C code trusts its pointers: refuse what it would read or write out of bounds."""
+    for tensor, shape in zip(tensors, shapes, strict=True):
+        ok = tensor.dtype == torch.float32 and tensor.device.type == "cpu"
+        if not (ok and tensor.is_contiguous() and tuple(tensor.shape) == shape):
+            raise ValueError(
+                f"the kernel needs contiguous float32 CPU tensors of shape {shape}, got "
+                f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
+            )
 
 
 def _check(status: int) -> None:

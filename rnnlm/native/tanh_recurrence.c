@@ -4,10 +4,12 @@
  * The matrix products are this file's own (matmul_panels): W_hh is reorganised once per call
  * into panels of 16 columns that stay in the L1 cache, and a tile of up to 6 rows x 16 columns
  * accumulates in registers, every output element one chain of fused multiply-adds over k in
- * order. On the CPUs this runs on, that reaches the FMA units' peak at 16x256x256, where the
- * BLAS torch links (MKL) reached about 70%. Because each element is computed the same way
- * whatever tile its row falls in, splitting the batch across ranks, or across this process's
- * threads (run_split), changes no bit. The elementwise work of a step is one fused pass.
+ * order. On this project's machine (AMD EPYC, 2 cores) the tile loop ran at 114 GFLOP/s per core
+ * at 16x256x256, on both cores at once, and a 35-step forward call on 16 rows took 0.77 ms
+ * against 0.99 ms with MKL's packed products (torch's BLAS). Because each element is computed
+ * the same way whatever tile its row falls in, splitting the batch across ranks, or across this
+ * process's threads (run_split), changes no bit. The elementwise work of a step is one fused
+ * pass.
  * Built by rnnlm/native/__init__.py (x86-64 with AVX2 and FMA, gcc's OpenMP).
  */
 #include <immintrin.h>
@@ -226,7 +228,8 @@ static int run_split(void (*work)(const struct rows_job *), struct rows_job prot
     {
 #pragma omp for schedule(static)
         for (int p = 0; p < num_panels; p++)
-            pack_panel(w_hh, hidden, hidden, k_stride, j_stride, p, panels + (int64_t)p * hidden * NR);
+            pack_panel(w_hh, hidden, hidden, k_stride, j_stride, p,
+                       panels + (int64_t)p * hidden * NR);
 #pragma omp for schedule(static, 1)
         for (int i = 0; i < threads; i++) work(&jobs[i]);
     }

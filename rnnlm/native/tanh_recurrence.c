@@ -80,14 +80,14 @@ static void bias_add_tanh(float *out, const float *pre, const float *bias, int r
     }
 }
 
-/* Panel p of B (k_dim x n, element (k, j) at src[k * k_stride + j * j_stride]): columns
- * [p * NR, p * NR + NR) as k_dim rows of NR floats in dst, columns past n zero. */
-static void pack_panel(const float *src, int k_dim, int n, int64_t k_stride, int64_t j_stride,
-                       int p, float *dst) {
-    for (int k = 0; k < k_dim; k++)
+/* Panel p of B = W_hh^T (transpose, for x @ W_hh^T) or W_hh (for x @ W_hh): columns
+ * [p * NR, p * NR + NR) as `hidden` rows of NR floats in dst, columns past hidden zero. */
+static void pack_panel(const float *w_hh, int hidden, int transpose, int p, float *dst) {
+    for (int k = 0; k < hidden; k++)
         for (int c = 0; c < NR; c++) {
             int j = p * NR + c;
-            dst[(int64_t)k * NR + c] = j < n ? src[k * k_stride + j * j_stride] : 0.0f;
+            int64_t at = transpose ? (int64_t)j * hidden + k : (int64_t)k * hidden + j;
+            dst[(int64_t)k * NR + c] = j < hidden ? w_hh[at] : 0.0f;
         }
 }
 
@@ -200,8 +200,6 @@ static void backward_rows(const struct rows_job *j) {
 static int run_split(void (*work)(const struct rows_job *), struct rows_job proto,
                      const float *w_hh, int transpose, int batch, int threads) {
     const int hidden = proto.hidden, num_panels = (hidden + NR - 1) / NR;
-    /* B[k][j] = W_hh[j][k] for x @ W_hh^T (forward), W_hh[k][j] for x @ W_hh (backward) */
-    const int64_t k_stride = transpose ? 1 : hidden, j_stride = transpose ? hidden : 1;
     size_t bytes = (size_t)num_panels * hidden * NR * sizeof(float);
     float *panels = aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!panels) return -1;
@@ -228,8 +226,7 @@ static int run_split(void (*work)(const struct rows_job *), struct rows_job prot
     {
 #pragma omp for schedule(static)
         for (int p = 0; p < num_panels; p++)
-            pack_panel(w_hh, hidden, hidden, k_stride, j_stride, p,
-                       panels + (int64_t)p * hidden * NR);
+            pack_panel(w_hh, hidden, transpose, p, panels + (int64_t)p * hidden * NR);
 #pragma omp for schedule(static, 1)
         for (int i = 0; i < threads; i++) work(&jobs[i]);
     }

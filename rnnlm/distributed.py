@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -152,18 +152,14 @@ def _init_group(info: DistInfo, backend: str, timeout: timedelta) -> None:
     log.info("joined %s group: rank %d of %d", backend, info.rank, info.world_size)
 
 
+# Sums a small tensor over all ranks in place and returns it (a collective): the backend's
+# all-reduce (:func:`all_reduce_sum`) or, where gradients go through shared memory, the same
+# segment (rnnlm.shm_allreduce).
+SumOverRanks = Callable[[torch.Tensor], torch.Tensor]
+
+
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum ``tensor`` over all ranks in place (a no-op on one process)."""
     if info.is_distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
-
-
-def all_gather_float(value: float, info: DistInfo) -> list[float]:
-    """Every rank's ``value``, in rank order (a one-element list on one process)."""
-    if not info.is_distributed:
-        return [value]
-    mine = torch.tensor([value], dtype=torch.float64, device=info.device)
-    gathered = [torch.zeros_like(mine) for _ in range(info.world_size)]
-    dist.all_gather(gathered, mine)
-    return [t.item() for t in gathered]

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from rnnlm.batching import Minibatch, rows_of_rank
-from rnnlm.distributed import DistInfo, all_reduce_sum
+from rnnlm.distributed import DistInfo, SumOverRanks, all_reduce_sum
 from rnnlm.model import RNNLM, State
 
 
@@ -33,8 +33,14 @@ def validation_batches(
 
 
 @torch.no_grad()
-def evaluate(module: RNNLM, batches: list[Minibatch], info: DistInfo) -> float:
-    """Perplexity over all ranks' rows. Every rank must call it (it all-reduces)."""
+def evaluate(
+    module: RNNLM,
+    batches: list[Minibatch],
+    info: DistInfo,
+    sum_over_ranks: SumOverRanks | None = None,
+) -> float:
+    """Perplexity over all ranks' rows. Every rank must call it (it sums over the ranks, by
+    ``sum_over_ranks`` where given)."""
     was_training = module.training
     module.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=info.device)
@@ -48,5 +54,8 @@ def evaluate(module: RNNLM, batches: list[Minibatch], info: DistInfo) -> float:
         totals[0] += F.cross_entropy(logits, targets, reduction="sum").double()
         totals[1] += targets.numel()
     module.train(was_training)
-    all_reduce_sum(totals, info)
+    if sum_over_ranks is not None:
+        sum_over_ranks(totals)
+    else:
+        all_reduce_sum(totals, info)
     return math.exp((totals[0] / totals[1]).item())

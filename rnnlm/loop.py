@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from rnnlm.batching import Minibatch
-from rnnlm.distributed import DistInfo, all_reduce_sum
+from rnnlm.distributed import DistInfo, SumOverRanks, all_reduce_sum
 from rnnlm.errors import UserError
 from rnnlm.model import RNNLM, State, detach_state
 
@@ -37,6 +37,7 @@ class EpochStats:
     grad_norm: float  # mean norm before clipping over the epoch's steps
     lr: float
     started_at: float = 0.0  # wall-clock time (time.time()) when the epoch's first step began
+    tokens_per_s_by_rank: tuple[float, ...] = ()  # every rank's share, in rank order
 
 
 def clip_gradients(params: Sequence[nn.Parameter], max_norm: float) -> Tensor:
@@ -228,6 +229,7 @@ def train_epoch(
     step_losses: list[Tensor] | None = None,
     progress: EpochProgress | None = None,
     after_step: Callable[[EpochProgress], None] | None = None,
+    sum_over_ranks: SumOverRanks | None = None,
 ) -> EpochStats:
     """Train over ``batches`` (this rank's rows). ``model`` may be the DDP wrapper of ``module``.
 
@@ -235,6 +237,8 @@ def train_epoch(
     receives every step's loss as a device tensor (nothing is synchronised to collect it).
     ``progress`` resumes an epoch part-way (its first ``progress.step`` minibatches are
     skipped); ``after_step`` sees the progress after every minibatch (checkpoints, preemption).
+    The epoch's totals are summed over the ranks by ``sum_over_ranks`` (default: the process
+    group's all-reduce), once per epoch.
     """
     device = info.device
     step = step or EagerStep(model, module, optimizer, clip)
@@ -267,16 +271,23 @@ def train_epoch(
     progress.check_finite(epoch)
     rank_seconds = time.perf_counter() - start
     rank_tokens_now = progress.num_tokens - tokens_before  # a resumed epoch ran only part
-    totals = torch.stack(
+    # One collective per epoch: the sums, and every rank's rate in its own position (a gather).
+    rates = [0.0] * info.world_size
+    rates[info.rank] = rank_tokens_now / rank_seconds
+    totals = torch.cat(
         [
-            progress.loss_sum,
-            torch.tensor(float(progress.num_tokens), device=device, dtype=torch.float64),
-            torch.tensor(float(rank_tokens_now), device=device, dtype=torch.float64),
+            progress.loss_sum.reshape(1),
+            torch.tensor(
+                [progress.num_tokens, rank_tokens_now, *rates], dtype=torch.float64, device=device
+            ),
         ]
     )
-    all_reduce_sum(totals, info)
+    if sum_over_ranks is not None:
+        sum_over_ranks(totals)
+    else:
+        all_reduce_sum(totals, info)
     seconds = time.perf_counter() - start
-    total_loss, total_tokens, tokens_now = totals.tolist()
+    total_loss, total_tokens, tokens_now, *rates = totals.tolist()
     return EpochStats(
         epoch=epoch,
         perplexity=math.exp(total_loss / total_tokens),
@@ -284,6 +295,7 @@ def train_epoch(
         seconds=seconds,
         tokens_per_s=tokens_now / seconds,
         rank_tokens_per_s=rank_tokens_now / rank_seconds,
+        tokens_per_s_by_rank=tuple(rates),
         grad_norm=progress.norm_sum.item() / max(progress.step, 1),
         lr=optimizer.param_groups[0]["lr"],
         started_at=started_at,

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from rnnlm import artifacts, checkpoint, corpus, native, shm_allreduce
 from rnnlm.batching import check_corpus_length, epoch_batches
 from rnnlm.config import TrainConfig
-from rnnlm.distributed import DistInfo, all_gather_float
+from rnnlm.distributed import DistInfo, SumOverRanks, all_reduce_sum
 from rnnlm.errors import FlagError
 from rnnlm.evaluate import evaluate, validation_batches
 from rnnlm.generate import generate
@@ -223,6 +223,9 @@ def train(
     checkpointer = Checkpointer(
         config, info, module, optimizer, data.vocab, history, stop, exchange
     )
+    sum_over_ranks: SumOverRanks = (
+        exchange.sum_float64 if exchange else functools.partial(all_reduce_sum, info=info)
+    )
     found = checkpointer.find()
     resumed = checkpointer.restore(found, rng) if found is not None else None
     run_id = resumed.mlflow_run_id if resumed else None
@@ -231,7 +234,7 @@ def train(
     status = "FAILED"
     try:
         result = _train(config, info, data, module, model, optimizer, rng, history, checkpointer,
-                        resumed, tracker)  # fmt: skip
+                        resumed, tracker, sum_over_ranks)  # fmt: skip
         status = "FINISHED"
         return result
     except Preempted:
@@ -253,6 +256,7 @@ def _train(
     checkpointer: Checkpointer,
     resumed: Resumed | None,
     tracker: Tracker,
+    sum_over_ranks: SumOverRanks,
 ) -> TrainResult:
     val_batches = (
         validation_batches(
@@ -308,14 +312,12 @@ def _train(
                 step=step,
                 progress=resumed.progress if resumed and epoch == resumed.epoch else None,
                 after_step=functools.partial(checkpointer.after_step, epoch, epoch_rng),
+                sum_over_ranks=sum_over_ranks,
             )
             history.epochs.append(stats)
-            extra = {
-                f"rank{r}_tokens_per_s": v
-                for r, v in enumerate(all_gather_float(stats.rank_tokens_per_s, info))
-            }
+            extra = {f"rank{r}_tokens_per_s": v for r, v in enumerate(stats.tokens_per_s_by_rank)}
             if val_batches:
-                history.val_perplexity.append(evaluate(module, val_batches, info))
+                history.val_perplexity.append(evaluate(module, val_batches, info, sum_over_ranks))
                 extra["val_perplexity"] = history.val_perplexity[-1]
             history.extra_metrics.append(extra)
             tracker.log_epoch(stats, extra)

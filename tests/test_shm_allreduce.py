@@ -3,6 +3,7 @@ says which path it took."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from rnnlm.shm_allreduce import host_identity, why_not_shared
+from rnnlm.shm_allreduce import SUM_CAPACITY, host_identity, why_not_shared
 from tests.conftest import read_train_info, run_job
 
 PARAMS = list(nn.Linear(3, 2).parameters())
@@ -75,7 +76,19 @@ def test_shared_memory_and_gloo_train_the_same_bits(corpus_path: Path, tmp_path:
     assert shm.keys() == gloo.keys()
     for name in shm:
         assert torch.equal(shm[name], gloo[name]), name
-    assert (
-        read_train_info(tmp_path / "shm")["perplexity_by_epoch"]
-        == read_train_info(tmp_path / "backend")["perplexity_by_epoch"]
-    )
+    # The epoch's sums (training and validation) take the same route as the gradients.
+    for key in ("perplexity_by_epoch", "val_perplexity_by_epoch"):
+        assert read_train_info(tmp_path / "shm")[key] == read_train_info(tmp_path / "backend")[key]
+
+
+def test_epoch_sums_through_shared_memory_match_gloo(tmp_path: Path) -> None:
+    """Three ranks: float64 sums through the segment, some past its capacity (the backend takes
+    those), interleaved with gradient exchanges, equal gloo's all-reduce on every rank."""
+    proc = run_job([str(tmp_path)], nproc=3, module="tests.shm_sums_worker", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+    for got in ranks:
+        assert len(got["shm"]) == 6
+        assert got["shm"] == got["gloo"]
+        assert got == ranks[0]  # every rank holds the same sums and the same averaged gradient
+    assert {len(s) for s in ranks[0]["shm"]} == {6, SUM_CAPACITY + 5}

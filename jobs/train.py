@@ -27,6 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from jobs.common import setup_logging, user_errors
 from rnnlm import pipeline
+from rnnlm.allocator import keep_freed_memory
 from rnnlm.config import ALLREDUCE_MODES, CELLS, CPU_KERNELS, TrainConfig
 from rnnlm.distributed import process_group, read_env
 from rnnlm.resume import EXIT_PREEMPTED, Preempted, stop_on_signals
@@ -256,6 +257,7 @@ def run(config: TrainConfig) -> None:
     distributed = False
     with process_group(config.device, config.dist_timeout) as info, stop_on_signals() as stop:
         setup_logging(info.rank, info.is_main)
+        keep_freed_memory()  # no page faults for the tensors every step reallocates
         data = pipeline.prepare(config, info)
         settings = tracking_settings(config)
         try:

@@ -396,25 +396,42 @@ def report_configs(configs: list[Config]) -> dict[str, Any]:
     return out
 
 
-def time_to_result(configs: list[Config], scratch: Path, timeout: float) -> dict[str, Any]:
-    """The chapter's whole run (500 epochs) per configuration: command to exit."""
-    result = {}
-    for config in configs:
-        run = measure(config, scratch, timeout)
-        result[config.name] = {
-            "ok": run.ok,
-            "wall_s": run.wall_s,
-            "final_perplexity": run.final_perplexity,
-            "reached": bool(run.ok and run.final_perplexity is not None)
-            and run.final_perplexity <= CHAPTER_PERPLEXITY,
-            "error": run.error,
+def time_to_result(
+    configs: list[Config], reps: int, scratch: Path, timeout: float
+) -> dict[str, Any]:
+    """The chapter's whole run (500 epochs) per configuration, command to exit, ``reps`` times
+    interleaved like the throughput runs: wall seconds (median, range), the ratio to the
+    chapter's (of the medians and paired), and the final perplexity of every run."""
+    runs: dict[str, list[Run]] = {c.name: [] for c in configs}
+    for rep in range(reps):
+        for config in configs:
+            run = measure(config, scratch, timeout)
+            runs[config.name].append(run)
+            shown = (
+                f"{run.wall_s:.1f} s, perplexity {run.final_perplexity:.3f}"
+                if run.ok
+                else run.error
+            )
+            print(f"  rep {rep + 1}/{reps} {config.name:<22} {shown}", flush=True)
+    base = [r.wall_s if r.ok else None for r in runs[configs[0].name]]
+    result: dict[str, Any] = {}
+    for name, done in runs.items():
+        ok = [r for r in done if r.ok]
+        perplexities = [r.final_perplexity for r in ok if r.final_perplexity is not None]
+        entry: dict[str, Any] = {
+            "wall_s": summary([r.wall_s for r in ok]),
+            "final_perplexity": perplexities,
+            "reached": len(perplexities) == len(done)
+            and all(p <= CHAPTER_PERPLEXITY for p in perplexities),
+            "failures": [r.error for r in done if not r.ok],
         }
-        shown = f"{run.wall_s:.1f} s, perplexity {run.final_perplexity}" if run.ok else run.error
-        print(f"  {config.name:<22} {shown}", flush=True)
-    base = result[configs[0].name]
-    for entry in result.values():
-        if entry["ok"] and base["ok"]:
-            entry["speedup_vs_chapter"] = base["wall_s"] / entry["wall_s"]
+        paired = [b / r.wall_s for b, r in zip(base, done, strict=True) if b and r.ok]
+        if entry["wall_s"] and paired:
+            entry["speedup_vs_chapter_of_medians"] = (
+                statistics.median(b for b in base if b) / entry["wall_s"]["median"]
+            )
+            entry["speedup_vs_chapter_paired"] = summary(paired)
+        result[name] = entry
     return result
 
 
@@ -444,6 +461,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu.json")
     parser.add_argument("--reps", type=int, help="repetitions per configuration")
     parser.add_argument("--epochs", type=int, help="epochs per training run")
+    parser.add_argument(
+        "--reps-500", type=int, default=3, help="repetitions of the 500-epoch runs (full mode)"
+    )
     parser.add_argument(
         "--timeout", type=float, default=900, help="seconds before one command counts as failed"
     )
@@ -492,7 +512,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\ntime to the chapter's result ({CHAPTER_EPOCHS} epochs, command to exit)")
             full, _ = job_configs(args.corpus, CHAPTER_EPOCHS, help_text)
             chosen = [c for c in full if c.name in ("chapter", "ours_1proc", "ours_2ranks")]
-            result["time_to_result"] = time_to_result(chosen, Path(scratch), args.timeout)
+            result["time_to_result"] = time_to_result(
+                chosen, args.reps_500, Path(scratch), args.timeout
+            )
+            for name, entry in result["time_to_result"].items():
+                wall = entry["wall_s"]
+                if wall:
+                    speedup = entry.get("speedup_vs_chapter_of_medians", float("nan"))
+                    print(
+                        f"  {name:<22} median {wall['median']:.1f} s "
+                        f"[{wall['min']:.1f}-{wall['max']:.1f}]  x chapter {speedup:.2f}"
+                    )
     result["notes"] = notes
     result["load_average_at_end"] = load_average()
     result["seconds"] = time.time() - started

@@ -268,26 +268,28 @@ def train_epoch(
             step_losses.append(loss.clone())
         if after_step is not None:
             after_step(progress)
-    progress.check_finite(epoch)
     rank_seconds = time.perf_counter() - start
     rank_tokens_now = progress.num_tokens - tokens_before  # a resumed epoch ran only part
-    # One collective per epoch: the sums, and every rank's rate in its own position (a gather).
-    rates = [0.0] * info.world_size
-    rates[info.rank] = rank_tokens_now / rank_seconds
-    totals = torch.cat(
-        [
-            progress.loss_sum.reshape(1),
-            torch.tensor(
-                [progress.num_tokens, rank_tokens_now, *rates], dtype=torch.float64, device=device
-            ),
-        ]
+    # One collective for the epoch: the sums, and in this rank's own column its tokens/s and its
+    # first non-finite step + 1 (0: none), which the sum gathers from every rank. So every rank
+    # learns of a NaN on any rank at the same point, and all stop with the same error.
+    world = info.world_size
+    per_rank = torch.zeros(2, world, dtype=torch.float64, device=device)
+    per_rank[0, info.rank] = rank_tokens_now / rank_seconds
+    per_rank[1, info.rank] = progress.bad_step + 1
+    counts = torch.tensor(
+        [progress.num_tokens, rank_tokens_now], dtype=torch.float64, device=device
     )
+    totals = torch.cat([progress.loss_sum.reshape(1), counts, per_rank.reshape(-1)])
     if sum_over_ranks is not None:
         sum_over_ranks(totals)
     else:
         all_reduce_sum(totals, info)
     seconds = time.perf_counter() - start
-    total_loss, total_tokens, tokens_now, *rates = totals.tolist()
+    total_loss, total_tokens, tokens_now, *gathered = totals.tolist()
+    rates, bad_steps = gathered[:world], [int(b) - 1 for b in gathered[world:] if b > 0]
+    if bad_steps:
+        raise NonFiniteLoss(epoch, min(bad_steps))
     return EpochStats(
         epoch=epoch,
         perplexity=math.exp(total_loss / total_tokens),

@@ -112,7 +112,9 @@ class SharedMemoryAllReduce:
         """Collective: sum a few float64 ``values`` over the ranks, in place; every rank gets
         the same bits. Longer tensors than :data:`SUM_CAPACITY` go through the backend."""
         if values.dtype != torch.float64 or values.device.type != "cpu":
-            raise ValueError(f"sum_float64 takes float64 CPU tensors, got {values.dtype}")
+            raise ValueError(
+                f"sum_float64 takes float64 CPU tensors, got {values.dtype} on {values.device}"
+            )
         if values.numel() > SUM_CAPACITY:
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
             return values
@@ -146,12 +148,13 @@ class SharedMemoryAllReduce:
             dead = [r for r in missing if not _alive(int(self.pids[r]))]
             if dead:
                 raise RuntimeError(
-                    f"rank {self.rank}: rank(s) {dead} exited before sending their gradients"
+                    f"rank {self.rank}: rank(s) {dead} exited before their part of exchange "
+                    f"{self.calls} (gradients or epoch sums)"
                 )
             if now - started > self.timeout_s:
                 raise RuntimeError(
                     f"rank {self.rank}: timed out after {self.timeout_s:g} s (--dist-timeout) "
-                    f"waiting for the gradients of rank(s) {missing}"
+                    f"waiting for rank(s) {missing} (gradients or epoch sums)"
                 )
 
 

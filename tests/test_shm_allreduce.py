@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from rnnlm.shm_allreduce import SUM_CAPACITY, host_identity, why_not_shared
+from tests import shm_sums_worker
 from tests.conftest import read_train_info, run_job
 
 PARAMS = list(nn.Linear(3, 2).parameters())
@@ -76,19 +77,26 @@ def test_shared_memory_and_gloo_train_the_same_bits(corpus_path: Path, tmp_path:
     assert shm.keys() == gloo.keys()
     for name in shm:
         assert torch.equal(shm[name], gloo[name]), name
-    # The epoch's sums (training and validation) take the same route as the gradients.
+    # The epoch's sums (training and validation) are the same whichever route they take.
     for key in ("perplexity_by_epoch", "val_perplexity_by_epoch"):
         assert read_train_info(tmp_path / "shm")[key] == read_train_info(tmp_path / "backend")[key]
 
 
 def test_epoch_sums_through_shared_memory_match_gloo(tmp_path: Path) -> None:
-    """Three ranks: float64 sums through the segment, some past its capacity (the backend takes
-    those), interleaved with gradient exchanges, equal gloo's all-reduce on every rank."""
+    """Three ranks, each arriving late in turn: float64 sums through the segment, back to back
+    and between gradient exchanges, one past its capacity (the backend takes that one), equal
+    gloo's all-reduce of the same values on every rank, and the gradients are still averaged."""
     proc = run_job([str(tmp_path)], nproc=3, module="tests.shm_sums_worker", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
     for got in ranks:
-        assert len(got["shm"]) == 6
+        assert len(got["shm"]) == shm_sums_worker.CALLS
         assert got["shm"] == got["gloo"]
-        assert got == ranks[0]  # every rank holds the same sums and the same averaged gradient
-    assert {len(s) for s in ranks[0]["shm"]} == {6, SUM_CAPACITY + 5}
+        assert got == ranks[0]  # every rank holds the same sums and the same gradients
+    assert {len(s) for s in ranks[0]["shm"]} == {3 + 2 * 3, SUM_CAPACITY + 5}
+    # d/dW of sum(W x + b) over 2 rows of x = rank + call, averaged over ranks 0-2 and
+    # accumulated over the backward passes: 2 (1 + call) per pass; the bias 2 per pass.
+    passes = shm_sums_worker.BACKWARD_BEFORE
+    weight, bias = ranks[0]["grads"]
+    assert weight == pytest.approx([sum(2 * (1 + c) for c in passes)] * 12, rel=1e-6)
+    assert bias == pytest.approx([2 * len(passes)] * 3, rel=1e-6)

@@ -119,6 +119,15 @@ def cpu_kernel(
                 f"--dropout {config.dropout} on {info.device.type}. Use auto or torch.",
             )
         return None
+    if config.num_steps == 1:  # every call is one time step: the model keeps the framework's ops
+        if config.cpu_kernel == "compiled":
+            raise FlagError(
+                "--cpu-kernel",
+                "compiled runs sequences of several time steps; this job has --num-steps 1, "
+                "where the framework's operations are faster. Use auto or torch.",
+            )
+        log.info("recurrence on the framework's operations: one time step per call")
+        return None
     try:
         kernel = native.load(cache_dir(config))
     except native.KernelUnavailable as exc:

@@ -114,25 +114,19 @@ def test_built_once_per_source_version(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial file left
 
 
-def test_compiled_refused_for_other_cells(corpus_path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "flags", [["--cell", "gru"], ["--num-steps", "1"]], ids=["other-cell", "one-step"]
+)
+def test_compiled_refused_where_it_would_not_run(
+    corpus_path: Path, tmp_path: Path, flags: list[str]
+) -> None:
     out = tmp_path / "out"
     proc = run_job(
-        [
-            "--corpus",
-            str(corpus_path),
-            "--output-dir",
-            str(out),
-            "--epochs",
-            "1",
-            "--cell",
-            "gru",
-            "--cpu-kernel",
-            "compiled",
-            "--no-tracking",
-        ],
+        ["--corpus", str(corpus_path), "--output-dir", str(out), "--epochs", "1", *flags,
+         "--cpu-kernel", "compiled", "--no-tracking"],
         cwd=tmp_path,
-    )
-    assert_refused(proc, "--cpu-kernel", "--cell gru", "auto or torch", out=out)
+    )  # fmt: skip
+    assert_refused(proc, "--cpu-kernel", " ".join(flags), "auto or torch", out=out)
 
 
 @pytest.mark.skipif(

@@ -152,14 +152,19 @@ def _init_group(info: DistInfo, backend: str, timeout: timedelta) -> None:
     log.info("joined %s group: rank %d of %d", backend, info.rank, info.world_size)
 
 
-# Sums a small tensor over all ranks in place and returns it (a collective): the backend's
-# all-reduce (:func:`all_reduce_sum`) or, where gradients go through shared memory, the same
-# segment (rnnlm.shm_allreduce).
+# Sums a small tensor over all ranks in place and returns it (a collective) by another route
+# than the backend's all-reduce: where gradients go through shared memory, the same segment
+# (rnnlm.shm_allreduce).
 SumOverRanks = Callable[[torch.Tensor], torch.Tensor]
 
 
-def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks in place (a no-op on one process)."""
+def all_reduce_sum(
+    tensor: torch.Tensor, info: DistInfo, via: SumOverRanks | None = None
+) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks in place (a no-op on one process), through ``via`` where
+    given."""
+    if via is not None:
+        return via(tensor)
     if info.is_distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor

@@ -54,8 +54,5 @@ def evaluate(
         totals[0] += F.cross_entropy(logits, targets, reduction="sum").double()
         totals[1] += targets.numel()
     module.train(was_training)
-    if sum_over_ranks is not None:
-        sum_over_ranks(totals)
-    else:
-        all_reduce_sum(totals, info)
+    all_reduce_sum(totals, info, via=sum_over_ranks)
     return math.exp((totals[0] / totals[1]).item())

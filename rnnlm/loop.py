@@ -281,10 +281,7 @@ def train_epoch(
         [progress.num_tokens, rank_tokens_now], dtype=torch.float64, device=device
     )
     totals = torch.cat([progress.loss_sum.reshape(1), counts, per_rank.reshape(-1)])
-    if sum_over_ranks is not None:
-        sum_over_ranks(totals)
-    else:
-        all_reduce_sum(totals, info)
+    all_reduce_sum(totals, info, via=sum_over_ranks)
     seconds = time.perf_counter() - start
     total_loss, total_tokens, tokens_now, *gathered = totals.tolist()
     rates, bad_steps = gathered[:world], [int(b) - 1 for b in gathered[world:] if b > 0]

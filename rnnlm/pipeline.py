@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from rnnlm import artifacts, checkpoint, corpus, native, shm_allreduce
 from rnnlm.batching import check_corpus_length, epoch_batches
 from rnnlm.config import TrainConfig
-from rnnlm.distributed import DistInfo, SumOverRanks, all_reduce_sum
+from rnnlm.distributed import DistInfo, SumOverRanks
 from rnnlm.errors import FlagError
 from rnnlm.evaluate import evaluate, validation_batches
 from rnnlm.generate import generate
@@ -232,9 +232,8 @@ def train(
     checkpointer = Checkpointer(
         config, info, module, optimizer, data.vocab, history, stop, exchange
     )
-    sum_over_ranks: SumOverRanks = (
-        exchange.sum_float64 if exchange else functools.partial(all_reduce_sum, info=info)
-    )
+    # The epoch's sums take the gradients' route where it is shared memory.
+    sum_over_ranks = exchange.sum_float64 if exchange else None
     found = checkpointer.find()
     resumed = checkpointer.restore(found, rng) if found is not None else None
     run_id = resumed.mlflow_run_id if resumed else None
@@ -265,7 +264,7 @@ def _train(
     checkpointer: Checkpointer,
     resumed: Resumed | None,
     tracker: Tracker,
-    sum_over_ranks: SumOverRanks,
+    sum_over_ranks: SumOverRanks | None,
 ) -> TrainResult:
     val_batches = (
         validation_batches(

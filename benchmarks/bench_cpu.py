@@ -340,20 +340,36 @@ def bench_sampling(corpus: Path, num_chars: int, reps: int) -> dict[str, Any]:
     }
 
 
-def run_repetitions(configs: list[Config], reps: int, scratch: Path, timeout: float) -> None:
+def run_repetitions(
+    configs: list[Config],
+    reps: int,
+    scratch: Path,
+    timeout: float,
+    show: Callable[[Run], str] = lambda run: f"{run.tokens_per_s or 0:,.0f} tokens/s",
+) -> None:
+    """Run every configuration ``reps`` times, interleaved, into ``config.runs``."""
     for rep in range(reps):
         for config in configs:
             run = measure(config, scratch, timeout)
             config.runs.append(run)
-            shown = f"{run.tokens_per_s:,.0f} tokens/s" if run.ok and run.tokens_per_s else "FAILED"
+            shown = show(run) if run.ok else "FAILED"
             print(f"  rep {rep + 1}/{reps} {config.name:<22} {shown}", flush=True)
             if not run.ok:
                 print(f"    {run.error}", flush=True)
 
 
+def ratios(top: list[float | None], bottom: list[float | None]) -> tuple[float, Any] | None:
+    """median(top) / median(bottom), and the summary of top_i / bottom_i over the repetitions
+    where both ran (None, a failed or missing run); None when there is no pair."""
+    tops, bottoms = [t for t in top if t], [b for b in bottom if b]
+    paired = [t / b for t, b in zip(top, bottom, strict=True) if t and b]
+    if not paired:
+        return None
+    return statistics.median(tops) / statistics.median(bottoms), summary(paired)
+
+
 def report_configs(configs: list[Config]) -> dict[str, Any]:
-    baseline = configs[0]
-    base_rates = [r.tokens_per_s for r in baseline.runs]
+    base_rates = [r.tokens_per_s if r.ok else None for r in configs[0].runs]
     out: dict[str, Any] = {}
     for config in configs:
         ok = [r for r in config.runs if r.ok]
@@ -365,15 +381,9 @@ def report_configs(configs: list[Config]) -> dict[str, Any]:
             "peak_rss_mb": summary([r.peak_rss_mb for r in ok if r.peak_rss_mb]),
             "failures": [r.error for r in config.runs if not r.ok],
         }
-        base = summary([r for r in base_rates if r])
-        if rates and base:
-            entry["ratio_vs_chapter_of_medians"] = statistics.median(rates) / base["median"]
-            paired = [
-                a.tokens_per_s / b
-                for a, b in zip(config.runs, base_rates, strict=True)
-                if a.ok and a.tokens_per_s and b
-            ]
-            entry["ratio_vs_chapter_paired"] = summary(paired)
+        versus = ratios([r.tokens_per_s if r.ok else None for r in config.runs], base_rates)
+        if versus:
+            entry["ratio_vs_chapter_of_medians"], entry["ratio_vs_chapter_paired"] = versus
         out[config.name] = entry
     one = out.get("ours_1proc", {}).get("tokens_per_s")
     one_t = out.get("ours_1proc_1thread", {}).get("tokens_per_s")
@@ -402,36 +412,30 @@ def time_to_result(
     """The chapter's whole run (500 epochs) per configuration, command to exit, ``reps`` times
     interleaved like the throughput runs: wall seconds (median, range), the ratio to the
     chapter's (of the medians and paired), and the final perplexity of every run."""
-    runs: dict[str, list[Run]] = {c.name: [] for c in configs}
-    for rep in range(reps):
-        for config in configs:
-            run = measure(config, scratch, timeout)
-            runs[config.name].append(run)
-            shown = (
-                f"{run.wall_s:.1f} s, perplexity {run.final_perplexity:.3f}"
-                if run.ok
-                else run.error
-            )
-            print(f"  rep {rep + 1}/{reps} {config.name:<22} {shown}", flush=True)
-    base = [r.wall_s if r.ok else None for r in runs[configs[0].name]]
+    run_repetitions(
+        configs,
+        reps,
+        scratch,
+        timeout,
+        show=lambda run: f"{run.wall_s:.1f} s, perplexity {run.final_perplexity:.3f}",
+    )
+    base_walls = [r.wall_s if r.ok else None for r in configs[0].runs]
     result: dict[str, Any] = {}
-    for name, done in runs.items():
-        ok = [r for r in done if r.ok]
+    for config in configs:
+        ok = [r for r in config.runs if r.ok]
         perplexities = [r.final_perplexity for r in ok if r.final_perplexity is not None]
         entry: dict[str, Any] = {
             "wall_s": summary([r.wall_s for r in ok]),
             "final_perplexity": perplexities,
-            "reached": len(perplexities) == len(done)
+            "reached": len(perplexities) == len(config.runs)
             and all(p <= CHAPTER_PERPLEXITY for p in perplexities),
-            "failures": [r.error for r in done if not r.ok],
+            "failures": [r.error for r in config.runs if not r.ok],
         }
-        paired = [b / r.wall_s for b, r in zip(base, done, strict=True) if b and r.ok]
-        if entry["wall_s"] and paired:
-            entry["speedup_vs_chapter_of_medians"] = (
-                statistics.median(b for b in base if b) / entry["wall_s"]["median"]
-            )
-            entry["speedup_vs_chapter_paired"] = summary(paired)
-        result[name] = entry
+        # A speed-up: the chapter's seconds over ours.
+        versus = ratios(base_walls, [r.wall_s if r.ok else None for r in config.runs])
+        if versus:
+            entry["speedup_vs_chapter_of_medians"], entry["speedup_vs_chapter_paired"] = versus
+        result[config.name] = entry
     return result
 
 

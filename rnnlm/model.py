@@ -160,7 +160,7 @@ class CompiledTanhRecurrence(torch.autograd.Function):
     so is ``tanh`` (within 2 ulp of the exact value, where torch's differs by < 1 ulp), so
     outputs match the framework path to round-off, not bit for bit. The backward's elementwise
     operations round as :class:`TanhRecurrence`'s do; the weight gradient is the same one large
-    product.
+    product, computed by the kernel.
     """
 
     @staticmethod
@@ -187,18 +187,27 @@ class CompiledTanhRecurrence(torch.autograd.Function):
         dz = torch.empty_like(outs)
         grad = None if grad_out is None else grad_out.contiguous()
         ctx.kernel.backward(outs, grad, w_hh, dh, dz)
-        grad_w, grad_b = _weight_grads(dz, hs, *ctx.needs_input_grad[3:5])
+        need_w, need_b = ctx.needs_input_grad[3:5]
+        grad_w, grad_b = _weight_grads(dz, hs, need_w, need_b, ctx.kernel)
         return None, dz, dh if ctx.needs_input_grad[2] else None, grad_w, grad_b
 
 
 def _weight_grads(
-    dz: Tensor, hs: Tensor, need_w: bool, need_b: bool
+    dz: Tensor,
+    hs: Tensor,
+    need_w: bool,
+    need_b: bool,
+    kernel: TanhRecurrenceKernel | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """``dL/dW_hh = sum_t dz_t^T h_{t-1}`` as ONE (H x T*B) @ (T*B x H) product, and
+    """``dL/dW_hh = sum_t dz_t^T h_{t-1}`` as ONE (H x T*B) @ (T*B x H) product (the compiled
+    kernel's where given: torch's BLAS takes its AVX2 path on AMD CPUs), and
     ``dL/db_hh = sum_t dz_t``; ``hs`` holds h_0..h_T."""
     hidden = dz.shape[-1]
     flat = dz.reshape(-1, hidden)
-    grad_w = flat.t() @ hs[:-1].reshape(-1, hidden) if need_w else None
+    grad_w = None
+    if need_w:
+        previous = hs[:-1].reshape(-1, hidden)
+        grad_w = flat.t() @ previous if kernel is None else kernel.weight_grad(flat, previous)
     return grad_w, flat.sum(dim=0) if need_b else None
 
 

@@ -137,7 +137,7 @@ def cpu_kernel(
             ) from None
         log.warning("recurrence on the framework's operations (--cpu-kernel torch): %s", exc)
         return None
-    log.info("recurrence: compiled kernel (--cpu-kernel compiled)")
+    log.info("recurrence: compiled kernel, %s (--cpu-kernel compiled)", kernel.isa)
     return kernel
 
 

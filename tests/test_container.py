@@ -85,7 +85,8 @@ def test_wheel_carries_the_commands(tmp_path: Path) -> None:
 @pytest.mark.skipif(native.why_unavailable() is not None, reason="no compiled kernel here")
 def test_image_build_step_ships_the_compiled_kernel(tmp_path: Path) -> None:
     """The CPU image runs ``python -m rnnlm.native`` after installing the wheel: the library
-    lands inside the installed package, and jobs load it from there (no compiler needed)."""
+    lands inside the installed package, one build per instruction set, and jobs load the one
+    their CPU takes from there (no compiler needed)."""
     assert "python -m rnnlm.native" in DOCKERFILE.read_text()
     site = tmp_path / "site"
     shutil.copytree(ROOT / "rnnlm", site / "rnnlm", ignore=shutil.ignore_patterns("*.so"))
@@ -95,13 +96,18 @@ def test_image_build_step_ships_the_compiled_kernel(tmp_path: Path) -> None:
         cwd=tmp_path, timeout=120,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr
-    shipped = Path(built.stdout.strip())
-    assert shipped.parent == site / "rnnlm" / "native" and shipped.exists()
-    check = "from pathlib import Path; from rnnlm import native; print(native._built(Path('x')))"
+    shipped = [Path(line) for line in built.stdout.split()]
+    assert [p.name for p in shipped] == [native.library_name(isa) for isa in native.ISAS]
+    assert all(p.parent == site / "rnnlm" / "native" and p.exists() for p in shipped)
+    check = (
+        "from pathlib import Path; from rnnlm import native; "
+        "print(native._built(Path('x'), native.chosen_isa()))"
+    )
     used = subprocess.run(
         [sys.executable, "-c", check], capture_output=True, text=True, env=env, cwd=tmp_path
     )
-    assert used.returncode == 0 and Path(used.stdout.strip()) == shipped, used.stderr
+    expected = site / "rnnlm" / "native" / native.library_name(native.chosen_isa())
+    assert used.returncode == 0 and Path(used.stdout.strip()) == expected, used.stderr
 
 
 def test_default_command_prints_the_help() -> None:

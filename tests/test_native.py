@@ -18,9 +18,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> native.TanhRecurrenceKernel:
-    return native.load(tmp_path_factory.mktemp("cache"))
+ISAS = native.supported_isas() if native.why_unavailable() is None else []
+
+
+@pytest.fixture(scope="module", params=ISAS)
+def kernel(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> native.TanhRecurrenceKernel:
+    """Each instruction set this CPU has: the tests below hold for every build."""
+    return native.load(tmp_path_factory.mktemp("cache"), request.param)
 
 
 def test_tanh_within_two_ulp(kernel: native.TanhRecurrenceKernel) -> None:
@@ -43,11 +49,12 @@ def test_tanh_within_two_ulp(kernel: native.TanhRecurrenceKernel) -> None:
 def test_rows_split_across_ranks_change_no_bit(
     kernel: native.TanhRecurrenceKernel, hidden: int
 ) -> None:
-    """What 2 ranks compute on 16 rows each, 32 ranks on 1 row each, a rank of 9 rows, and 3 or
-    more threads on their shares, equals the 32-row result of one thread bit for bit: outputs
+    """What 2 ranks compute on 16 rows each, 32 ranks on 1 row each, ranks of 9, 12 and 13
+    rows, and 3 or more threads on their shares, equals the 32-row result of one thread bit for
+    bit: outputs
     and the gradients of the inputs and of h_0. (Every element is one chain of fused
-    multiply-adds in the same order, whatever register tile of 1-6 rows its row falls in; the
-    runs below use every tile size.)"""
+    multiply-adds in the same order, whatever register tile of 1-6 (AVX-512: 1-8) rows its row
+    falls in; the runs below use every tile size.)"""
     torch.manual_seed(0)
     steps, batch = 35, 32
     pre = torch.randn(steps, batch, hidden)
@@ -68,10 +75,11 @@ def test_rows_split_across_ranks_change_no_bit(
         whole = run(slice(None))
         halves = [run(slice(0, 16)), run(slice(16, 32))]
         singles = [run(slice(i, i + 1)) for i in range(batch)]  # 32 ranks of one row
-        nine = run(slice(0, 9))  # tiles of 6 and 3 rows
-        kernel.threads = 3  # 11 + 11 + 10 rows: tiles of 6 and 5, 6 and 4
+        # Ranks of 9, 12 and 13 rows. AVX2: tiles of 6+3, 6+6, 6+6+1; AVX-512: 8+1, 8+4, 8+5
+        partial = [run(slice(0, rows)) for rows in (9, 12, 13)]
+        kernel.threads = 3  # 11 + 11 + 10 rows. AVX2: 6+5, 6+4; AVX-512: 8+3, 8+2
         three = run(slice(None))
-        kernel.threads = 5  # 7 + 7 + 6 + 6 + 6 rows, one run per OpenMP thread
+        kernel.threads = 5  # 7 + 7 + 6 + 6 + 6 rows, one run per OpenMP thread: tiles of 7, 6
         threaded = run(slice(None))
         kernel.threads = 64  # capped at one row per thread
         capped = run(slice(None))
@@ -81,10 +89,35 @@ def test_rows_split_across_ranks_change_no_bit(
         joined = torch.cat([halves[0][part], halves[1][part]], dim=-2)
         assert torch.equal(joined, whole[part]), name
         assert torch.equal(torch.cat([s[part] for s in singles], dim=-2), whole[part]), name
-        assert torch.equal(nine[part], whole[part][..., :9, :]), name
+        for rows, result in zip((9, 12, 13), partial, strict=True):
+            assert torch.equal(result[part], whole[part][..., :rows, :]), name
         assert torch.equal(three[part], whole[part]), name
         assert torch.equal(threaded[part], whole[part]), name
         assert torch.equal(capped[part], whole[part]), name
+
+
+@pytest.mark.skipif(len(ISAS) < 2, reason="this CPU has one of the instruction sets")
+@pytest.mark.parametrize("hidden", [256, 37])
+def test_instruction_sets_compute_the_same_bits(tmp_path: Path, hidden: int) -> None:
+    """The AVX-512 build (16-float vectors, tiles of 8 rows) and the AVX2 build (8-float
+    vectors, tiles of 6 rows) give the same outputs and gradients, bit for bit, the weight
+    gradient included."""
+    torch.manual_seed(2)
+    steps, batch = 35, 32
+    pre, h0 = torch.randn(steps, batch, hidden), torch.randn(batch, hidden) * 0.5
+    w_hh, b_hh = torch.randn(hidden, hidden) * hidden**-0.5, torch.randn(hidden) * 0.1
+    grad_out = torch.randn(steps, batch, hidden)
+    results = []
+    for isa in ISAS:
+        kernel = native.load(tmp_path, isa)
+        assert kernel.isa == isa
+        p, h = pre.clone().requires_grad_(True), h0.clone().requires_grad_(True)
+        out, last = CompiledTanhRecurrence.apply(kernel, p, h, w_hh, b_hh)
+        (out * grad_out).sum().add(last.sum()).backward()
+        grad_w = kernel.weight_grad(grad_out.reshape(-1, hidden), pre.reshape(-1, hidden))
+        results.append((out.detach(), last.detach(), p.grad, h.grad, grad_w))
+    for part, name in enumerate(["outputs", "last state", "d pre", "d h0", "weight grad"]):
+        assert all(torch.equal(r[part], results[0][part]) for r in results), name
 
 
 def test_products_match_float64(kernel: native.TanhRecurrenceKernel) -> None:
@@ -107,10 +140,30 @@ def test_products_match_float64(kernel: native.TanhRecurrenceKernel) -> None:
         torch.testing.assert_close(dh.double(), dz[0].double() @ w_hh.double(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows, hidden", [(1120, 256), (75, 37)])
+def test_weight_gradient_matches_float64(
+    kernel: native.TanhRecurrenceKernel, rows: int, hidden: int
+) -> None:
+    """``dz^T @ h`` against float64, and the same bits on 1, 3 or 16 threads (each thread takes
+    whole column panels; an element is one chain over the rows in order)."""
+    torch.manual_seed(3)
+    dz, h = torch.randn(rows, hidden) * 0.1, torch.tanh(torch.randn(rows, hidden))
+    exact = dz.double().T @ h.double()
+    by_threads = []
+    try:
+        for threads in (1, 3, 16):
+            kernel.threads = threads
+            by_threads.append(kernel.weight_grad(dz, h))
+    finally:
+        kernel.threads = None
+    torch.testing.assert_close(by_threads[0].double(), exact, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(grad, by_threads[0]) for grad in by_threads)
+
+
 def test_built_once_per_source_version(tmp_path: Path) -> None:
-    first = native.build(tmp_path)
-    assert first.name == native.library_name() and first.exists()
-    assert native.library_name().startswith("tanh_recurrence-")
+    first = native.build(tmp_path, "avx2")
+    assert first.name == native.library_name("avx2") and first.exists()
+    assert native.library_name("avx2").startswith("tanh_recurrence-avx2-")
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial file left
 
 
@@ -130,7 +183,7 @@ def test_compiled_refused_where_it_would_not_run(
 
 
 @pytest.mark.skipif(
-    native.SOURCE.with_name(native.library_name()).exists(),
+    native.SOURCE.with_name(native.library_name(native.chosen_isa())).exists(),
     reason="a build ships next to the source (python -m rnnlm.native): no compiler is needed",
 )
 def test_without_a_compiler(corpus_path: Path, tmp_path: Path) -> None:

@@ -1,10 +1,14 @@
 """The compiled CPU kernel of the chapter's recurrence (``tanh_recurrence.c``), built on first use.
 
 The C source needs no torch headers and no BLAS: the system C compiler builds it in well under
-a second, once per source version, into ``<cache dir>/native`` (a build already next to this
-file, as in the container image, is used first), and it is loaded with ctypes. Its threads are
-torch's own OpenMP pool. Where any of this is missing, :func:`load` says why and the job keeps
-the framework's operations (``--cpu-kernel auto``).
+a second, once per source version and instruction set, into ``<cache dir>/native`` (a build
+already next to this file, as in the container image, is used first), and it is loaded with
+ctypes. Its threads are torch's own OpenMP pool. Where any of this is missing, :func:`load` says
+why and the job keeps the framework's operations (``--cpu-kernel auto``).
+
+The instruction set is the widest the CPU has (AVX-512, else AVX2); both builds compute the
+same bits. ``RNNLM_CPU_CAPABILITY=avx2`` picks the narrower one, as torch's
+``ATEN_CPU_CAPABILITY`` does for its own kernels.
 """
 
 from __future__ import annotations
@@ -28,6 +32,12 @@ SOURCE = Path(__file__).with_name("tanh_recurrence.c")
 # -ffp-contract=off: no multiply-add the source does not spell out, so the elementwise steps
 # round as the framework's do, and a row's bits do not depend on where a split puts it.
 CFLAGS = ("-O2", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
+# Instruction set -> (extra compiler flags, the /proc/cpuinfo flags it needs), widest first.
+ISAS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
+    "avx512": (("-mavx512f", "-mavx512dq", "-DRNNLM_AVX512"), frozenset({"avx512f", "avx512dq"})),
+    "avx2": ((), frozenset({"avx2", "fma"})),
+}
+ISA_ENV = "RNNLM_CPU_CAPABILITY"
 
 
 class KernelUnavailable(RuntimeError):
@@ -41,14 +51,17 @@ class TanhRecurrenceKernel:
     each running its rows' time steps; the split changes no bit.
     """
 
-    def __init__(self, library: ctypes.CDLL) -> None:
+    def __init__(self, library: ctypes.CDLL, isa: str) -> None:
         self._lib = library
+        self.isa = isa
         self.threads: int | None = None  # None: torch.get_num_threads() at each call
         ints, ptrs = [ctypes.c_int] * 3, [ctypes.c_void_p]
         library.tanh_recurrence_forward.argtypes = [*ints, *ptrs * 4, ctypes.c_int]
         library.tanh_recurrence_backward.argtypes = [*ints, *ptrs * 6, ctypes.c_int]
+        library.tanh_recurrence_weight_grad.argtypes = [*ints[:2], *ptrs * 3, ctypes.c_int]
         library.tanh_recurrence_forward.restype = ctypes.c_int
         library.tanh_recurrence_backward.restype = ctypes.c_int
+        library.tanh_recurrence_weight_grad.restype = ctypes.c_int
 
     def forward(self, pre: Tensor, w_hh: Tensor, b_hh: Tensor, hs: Tensor) -> None:
         """Fill ``hs[1:]`` (T+1, B, H) from ``hs[0]`` and ``pre`` (T, B, H)."""
@@ -77,6 +90,18 @@ class TanhRecurrenceKernel:
         )
         _check(status)
 
+    def weight_grad(self, dz: Tensor, h: Tensor) -> Tensor:
+        """``dz^T @ h`` (H, H) for ``dz`` and ``h`` (N, H): the weight gradient of W_hh, each
+        element one chain of fused multiply-adds over the N rows in order."""
+        rows, hidden = dz.shape
+        _check_shapes((dz, h), [(rows, hidden), (rows, hidden)])
+        grad = dz.new_empty(hidden, hidden)
+        status = self._lib.tanh_recurrence_weight_grad(
+            rows, hidden, _ptr(dz), _ptr(h), _ptr(grad), self._threads()
+        )
+        _check(status)
+        return grad
+
     def _threads(self) -> int:
         return self.threads or torch.get_num_threads()
 
@@ -93,28 +118,56 @@ def why_unavailable() -> str | None:
     wrong_target = wrong_platform()
     if wrong_target:
         return wrong_target
-    flags = _cpu_flags()
-    if not {"avx2", "fma"} <= flags:
+    if not supported_isas():
         return "this CPU lacks AVX2/FMA"
     return None
 
 
-@functools.cache
-def load(cache_dir: Path) -> TanhRecurrenceKernel:
-    """Build (once) and load the kernel; raise :class:`KernelUnavailable` saying why not."""
+def supported_isas() -> list[str]:
+    """The instruction sets of :data:`ISAS` this CPU has, widest first."""
+    flags = _cpu_flags()
+    return [isa for isa, (_, needs) in ISAS.items() if needs <= flags]
+
+
+def chosen_isa() -> str:
+    """$RNNLM_CPU_CAPABILITY where set, else the widest instruction set this CPU has."""
+    supported = supported_isas()
+    wanted = os.environ.get(ISA_ENV, "").strip().lower()
+    if not wanted:
+        if not supported:
+            raise KernelUnavailable("this CPU lacks AVX2/FMA")
+        return supported[0]
+    if wanted not in ISAS:
+        raise KernelUnavailable(f"{ISA_ENV}={wanted!r} is not one of {', '.join(ISAS)}")
+    if wanted not in supported:
+        raise KernelUnavailable(f"{ISA_ENV}={wanted}, but this CPU lacks {wanted.upper()}")
+    return wanted
+
+
+def load(cache_dir: Path, isa: str | None = None) -> TanhRecurrenceKernel:
+    """Build (once) and load the kernel for ``isa`` (default :func:`chosen_isa`); raise
+    :class:`KernelUnavailable` saying why not."""
     why = why_unavailable()
     if why:
         raise KernelUnavailable(why)
-    path = _built(cache_dir)
+    return _load(cache_dir, isa or chosen_isa())
+
+
+@functools.cache
+def _load(cache_dir: Path, isa: str) -> TanhRecurrenceKernel:
+    if isa not in supported_isas():
+        raise KernelUnavailable(f"this CPU lacks {isa.upper()}")
+    path = _built(cache_dir, isa)
     try:
         library = ctypes.CDLL(str(path))
     except OSError as exc:  # e.g. a noexec temp dir, or a damaged file
         raise KernelUnavailable(f"cannot load {path}: {exc}") from None
-    return TanhRecurrenceKernel(library)
+    return TanhRecurrenceKernel(library, isa)
 
 
-def build(directory: Path) -> Path:
-    """Compile the source into ``directory`` (atomically: concurrent ranks may race)."""
+def build(directory: Path, isa: str) -> Path:
+    """Compile the source for ``isa`` into ``directory`` (atomically: concurrent ranks may
+    race)."""
     wanted = shlex.split(os.environ.get("CC") or "cc")  # CC may carry a wrapper: "ccache gcc"
     found = shutil.which(wanted[0]) if wanted else None
     if found is None and "CC" not in os.environ:
@@ -122,14 +175,14 @@ def build(directory: Path) -> Path:
     if found is None:
         raise KernelUnavailable(f"no C compiler ({' '.join(wanted)}) on PATH")
     compiler = [found, *wanted[1:]]
-    target = directory / library_name()
+    target = directory / library_name(isa)
     directory.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=directory, prefix=target.stem, suffix=".partial")
     os.close(fd)
     try:
         try:
             done = subprocess.run(
-                [*compiler, *CFLAGS, str(SOURCE), "-o", partial],
+                [*compiler, *_flags(isa), str(SOURCE), "-o", partial],
                 capture_output=True,
                 text=True,
                 timeout=300,
@@ -145,24 +198,28 @@ def build(directory: Path) -> Path:
     return target
 
 
-def library_name() -> str:
+def library_name(isa: str) -> str:
     """One file per version of the source and flags, so an edit never loads a stale build."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()
-    return f"tanh_recurrence-{digest[:16]}.so"
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags(isa)).encode()).hexdigest()
+    return f"tanh_recurrence-{isa}-{digest[:16]}.so"
 
 
-def _built(cache_dir: Path) -> Path:
-    shipped = SOURCE.with_name(library_name())
+def _flags(isa: str) -> tuple[str, ...]:
+    return CFLAGS + ISAS[isa][0]
+
+
+def _built(cache_dir: Path, isa: str) -> Path:
+    shipped = SOURCE.with_name(library_name(isa))
     if shipped.exists():
         return shipped
-    cached = cache_dir / "native" / library_name()
+    cached = cache_dir / "native" / library_name(isa)
     if cached.exists():
         return cached
     try:
-        return build(cached.parent)
+        return build(cached.parent, isa)
     except OSError as exc:  # an unwritable cache: build where this process may write
         try:
-            return build(_private_temp_dir())
+            return build(_private_temp_dir(), isa)
         except OSError:
             raise KernelUnavailable(f"cannot write the build ({exc.strerror})") from None
 

@@ -2,15 +2,17 @@
  * one call per sequence instead of several framework operations per time step.
  *
  * The matrix products are this file's own (matmul_panels): W_hh is reorganised once per call
- * into panels of 16 columns that stay in the L1 cache, and a tile of up to 6 rows x 16 columns
- * accumulates in registers, every output element one chain of fused multiply-adds over k in
- * order. On this project's machine (AMD EPYC, 2 cores) the tile loop ran at 114 GFLOP/s per core
- * at 16x256x256, on both cores at once, and a 35-step forward call on 16 rows took 0.77 ms
- * against 0.99 ms with MKL's packed products (torch's BLAS). Because each element is computed
- * the same way whatever tile its row falls in, splitting the batch across ranks, or across this
- * process's threads (run_split), changes no bit. The elementwise work of a step is one fused
+ * into panels of two vectors' width that stay in the L1 cache, and a tile of up to MR rows x NR
+ * columns accumulates in registers, every output element one chain of fused multiply-adds over
+ * k in order. Because each element is computed the same way whatever tile its row falls in and
+ * whatever the vector width, splitting the batch across ranks, or across this process's threads
+ * (run_split), changes no bit, and the AVX-512 build computes the AVX2 build's bits.
+ * On this project's machine (AMD EPYC, 2 cores), a 35-step forward call on 16 rows took 0.99 ms
+ * with MKL's packed products (torch's BLAS, which takes its AVX2 path on AMD), 0.66 ms with the
+ * AVX2 build and 0.42 ms with the AVX-512 build. The elementwise work of a step is one fused
  * pass.
- * Built by rnnlm/native/__init__.py (x86-64 with AVX2 and FMA, gcc's OpenMP).
+ * Built by rnnlm/native/__init__.py: x86-64 with AVX2 and FMA, or with -DRNNLM_AVX512 and
+ * AVX-512 F/DQ; gcc's OpenMP.
  */
 #include <immintrin.h>
 #include <stddef.h>
@@ -18,47 +20,94 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define NR 16 /* columns per packed panel: two 8-float vectors */
-#define MR 6  /* rows per register tile: 12 accumulators + 2 panel vectors + 1 broadcast */
+/* One vector of VL floats and the operations this file uses on it, for either instruction set.
+ * Each maps to one instruction with the same IEEE rounding in both, so the results agree. */
+#ifdef RNNLM_AVX512
+#define VL 16
+#define MR 8 /* rows per register tile: 16 accumulators + 2 panel vectors + 1 broadcast */
+typedef __m512 vec;
+typedef __mmask16 vmask;
+#define v_load _mm512_loadu_ps
+#define v_store _mm512_storeu_ps
+#define v_set1 _mm512_set1_ps
+#define v_zero _mm512_setzero_ps
+#define v_add _mm512_add_ps
+#define v_sub _mm512_sub_ps
+#define v_mul _mm512_mul_ps
+#define v_div _mm512_div_ps
+#define v_min _mm512_min_ps
+#define v_fmadd _mm512_fmadd_ps
+#define v_fnmadd _mm512_fnmadd_ps
+#define v_abs _mm512_abs_ps
+#define v_sign_of(x) _mm512_and_ps(_mm512_set1_ps(-0.0f), (x))
+#define v_or _mm512_or_ps
+#define v_round_nearest(x) _mm512_roundscale_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define v_pow2_scale(p, n) /* p * 2^n for integral n, by adding n to the exponent bits */ \
+    _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p),                         \
+                                         _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23)))
+#define v_less(a, b) _mm512_cmp_ps_mask((a), (b), _CMP_LT_OQ)
+#define v_is_nan(x) _mm512_cmp_ps_mask((x), (x), _CMP_UNORD_Q)
+#define v_select(m, yes, no) _mm512_mask_blend_ps((m), (no), (yes))
+#else
+#define VL 8
+#define MR 6 /* rows per register tile: 12 accumulators + 2 panel vectors + 1 broadcast */
+typedef __m256 vec;
+typedef __m256 vmask;
+#define v_load _mm256_loadu_ps
+#define v_store _mm256_storeu_ps
+#define v_set1 _mm256_set1_ps
+#define v_zero _mm256_setzero_ps
+#define v_add _mm256_add_ps
+#define v_sub _mm256_sub_ps
+#define v_mul _mm256_mul_ps
+#define v_div _mm256_div_ps
+#define v_min _mm256_min_ps
+#define v_fmadd _mm256_fmadd_ps
+#define v_fnmadd _mm256_fnmadd_ps
+#define v_abs(x) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), (x))
+#define v_sign_of(x) _mm256_and_ps(_mm256_set1_ps(-0.0f), (x))
+#define v_or _mm256_or_ps
+#define v_round_nearest(x) _mm256_round_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define v_pow2_scale(p, n)                                                               \
+    _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p),                         \
+                                         _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23)))
+#define v_less(a, b) _mm256_cmp_ps((a), (b), _CMP_LT_OQ)
+#define v_is_nan(x) _mm256_cmp_ps((x), (x), _CMP_UNORD_Q)
+#define v_select(m, yes, no) _mm256_blendv_ps((no), (yes), (m))
+#endif
+#define NR (2 * VL) /* columns per packed panel: two vectors */
 
 /* exp(x) for x in [0, 20] (tanh's range below): Cephes' expf, ~1 ulp. */
-static inline __m256 exp8(__m256 x) {
-    const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-    const __m256 c1 = _mm256_set1_ps(0.693359375f);
-    const __m256 c2 = _mm256_set1_ps(-2.12194440e-4f);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, c1, x);
-    r = _mm256_fnmadd_ps(n, c2, r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
-    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+static inline vec v_exp(vec x) {
+    vec n = v_round_nearest(v_mul(x, v_set1(1.44269504088896341f)));
+    vec r = v_fnmadd(n, v_set1(0.693359375f), x);
+    r = v_fnmadd(n, v_set1(-2.12194440e-4f), r);
+    vec p = v_set1(1.9875691500e-4f);
+    p = v_fmadd(p, r, v_set1(1.3981999507e-3f));
+    p = v_fmadd(p, r, v_set1(8.3334519073e-3f));
+    p = v_fmadd(p, r, v_set1(4.1665795894e-2f));
+    p = v_fmadd(p, r, v_set1(1.6666665459e-1f));
+    p = v_fmadd(p, r, v_set1(5.0000001201e-1f));
+    p = v_fmadd(p, v_mul(r, r), v_add(r, v_set1(1.0f)));
+    return v_pow2_scale(p, n);
 }
 
 /* tanh, Cephes' tanhf scheme: an odd polynomial below 0.625, 1 - 2/(exp(2|x|) + 1) above,
  * saturating at 10 (tanh of anything above 9.02 rounds to 1 in float). Within 2 ulp. */
-static inline __m256 tanh8(__m256 x) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 a = _mm256_min_ps(_mm256_andnot_ps(sign, x), _mm256_set1_ps(10.0f));
-    __m256 z = _mm256_mul_ps(x, x);
-    __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
-    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
-    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
-    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
-    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
-    __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
-    __m256 e = exp8(_mm256_add_ps(a, a));
-    __m256 large = _mm256_sub_ps(_mm256_set1_ps(1.0f),
-                                 _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
-    large = _mm256_or_ps(large, _mm256_and_ps(sign, x));
-    __m256 use_small = _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ);
-    __m256 y = _mm256_blendv_ps(large, small, use_small);
-    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); /* NaN stays NaN */
+static inline vec v_tanh(vec x) {
+    vec a = v_min(v_abs(x), v_set1(10.0f));
+    vec z = v_mul(x, x);
+    vec p = v_set1(-5.70498872745e-3f);
+    p = v_fmadd(p, z, v_set1(2.06390887954e-2f));
+    p = v_fmadd(p, z, v_set1(-5.37397155531e-2f));
+    p = v_fmadd(p, z, v_set1(1.33314422036e-1f));
+    p = v_fmadd(p, z, v_set1(-3.33332819422e-1f));
+    vec small = v_fmadd(v_mul(p, z), x, x);
+    vec e = v_exp(v_add(a, a));
+    vec large = v_sub(v_set1(1.0f), v_div(v_set1(2.0f), v_add(e, v_set1(1.0f))));
+    large = v_or(large, v_sign_of(x));
+    vec y = v_select(v_less(a, v_set1(0.625f)), small, large);
+    return v_select(v_is_nan(x), x, y); /* NaN stays NaN */
 }
 
 /* out[i] = tanh(out[i] + bias[i % hidden] + pre[i]) over one (rows, hidden) block. */
@@ -67,56 +116,59 @@ static void bias_add_tanh(float *out, const float *pre, const float *bias, int r
         float *o = out + (int64_t)r * hidden;
         const float *p = pre + (int64_t)r * hidden;
         int j = 0;
-        for (; j + 8 <= hidden; j += 8) {
-            __m256 v = _mm256_add_ps(_mm256_loadu_ps(o + j), _mm256_loadu_ps(bias + j));
-            _mm256_storeu_ps(o + j, tanh8(_mm256_add_ps(v, _mm256_loadu_ps(p + j))));
+        for (; j + VL <= hidden; j += VL) {
+            vec v = v_add(v_load(o + j), v_load(bias + j));
+            v_store(o + j, v_tanh(v_add(v, v_load(p + j))));
         }
         if (j < hidden) { /* the same arithmetic on a padded vector */
-            float buf[8] = {0};
+            float buf[VL] = {0};
             for (int i = j; i < hidden; i++) buf[i - j] = (o[i] + bias[i]) + p[i];
-            _mm256_storeu_ps(buf, tanh8(_mm256_loadu_ps(buf)));
+            v_store(buf, v_tanh(v_load(buf)));
             for (int i = j; i < hidden; i++) o[i] = buf[i - j];
         }
     }
 }
 
-/* Panel p of B = W_hh^T (transpose, for x @ W_hh^T) or W_hh (for x @ W_hh): columns
- * [p * NR, p * NR + NR) as `hidden` rows of NR floats in dst, columns past hidden zero. */
-static void pack_panel(const float *w_hh, int hidden, int transpose, int p, float *dst) {
-    for (int k = 0; k < hidden; k++)
+/* Panel p of B (k_dim x n): columns [p * NR, p * NR + NR) as k_dim rows of NR floats in dst,
+ * columns past n zero. B is `src` (k_dim x n, row-major), or its transpose (transpose: src is
+ * n x k_dim), as W_hh^T is for x @ W_hh^T. */
+static void pack_panel(const float *src, int k_dim, int n, int transpose, int p, float *dst) {
+    for (int k = 0; k < k_dim; k++)
         for (int c = 0; c < NR; c++) {
             int j = p * NR + c;
-            int64_t at = transpose ? (int64_t)j * hidden + k : (int64_t)k * hidden + j;
-            dst[(int64_t)k * NR + c] = j < hidden ? w_hh[at] : 0.0f;
+            int64_t at = transpose ? (int64_t)j * k_dim + k : (int64_t)k * n + j;
+            dst[(int64_t)k * NR + c] = j < n ? src[at] : 0.0f;
         }
 }
 
-/* c[i][0 .. cols) = a[i] @ panel for M rows of a (row stride lda). Every element is one chain
- * of fused multiply-adds over k = 0 .. k_dim-1 in order, from zero, so a row's result does not
- * depend on M: on which tile, run or rank the row falls in. */
+/* c[i][0 .. cols) = sum over k of a(i, k) * panel[k] for M rows of A, where a(i, k) is
+ * a[i * a_row + k * a_k] (A or a transposed matrix). Every element is one chain of fused
+ * multiply-adds over k = 0 .. k_dim-1 in order, from zero, so a row's result does not depend on
+ * M: on which tile, run or rank the row falls in. */
 #define DEFINE_TILE(M)                                                                         \
-    static void tile_##M(const float *a, int64_t lda, const float *panel, int k_dim, float *c,  \
-                         int64_t ldc, int cols) {                                             \
-        __m256 lo[M], hi[M];                                                                  \
-        _Pragma("GCC unroll 6") for (int i = 0; i < M; i++) lo[i] = hi[i] = _mm256_setzero_ps(); \
+    static void tile_##M(const float *a, int64_t a_row, int64_t a_k, const float *panel,       \
+                         int k_dim, float *c, int64_t ldc, int cols) {                        \
+        vec lo[M], hi[M];                                                                     \
+        _Pragma("GCC unroll 8") for (int i = 0; i < M; i++) lo[i] = hi[i] = v_zero();         \
         for (int k = 0; k < k_dim; k++) {                                                     \
-            __m256 b0 = _mm256_loadu_ps(panel + (int64_t)k * NR);                             \
-            __m256 b1 = _mm256_loadu_ps(panel + (int64_t)k * NR + 8);                         \
-            _Pragma("GCC unroll 6") for (int i = 0; i < M; i++) {                             \
-                __m256 av = _mm256_broadcast_ss(a + i * lda + k);                             \
-                lo[i] = _mm256_fmadd_ps(av, b0, lo[i]);                                       \
-                hi[i] = _mm256_fmadd_ps(av, b1, hi[i]);                                       \
+            vec b0 = v_load(panel + (int64_t)k * NR);                                         \
+            vec b1 = v_load(panel + (int64_t)k * NR + VL);                                    \
+            const float *ak = a + k * a_k;                                                    \
+            _Pragma("GCC unroll 8") for (int i = 0; i < M; i++) {                             \
+                vec av = v_set1(ak[i * a_row]);                                               \
+                lo[i] = v_fmadd(av, b0, lo[i]);                                               \
+                hi[i] = v_fmadd(av, b1, hi[i]);                                               \
             }                                                                                 \
         }                                                                                     \
-        _Pragma("GCC unroll 6") for (int i = 0; i < M; i++) {                                 \
+        _Pragma("GCC unroll 8") for (int i = 0; i < M; i++) {                                 \
             float *row = c + i * ldc;                                                         \
             if (cols == NR) {                                                                 \
-                _mm256_storeu_ps(row, lo[i]);                                                 \
-                _mm256_storeu_ps(row + 8, hi[i]);                                             \
+                v_store(row, lo[i]);                                                          \
+                v_store(row + VL, hi[i]);                                                     \
             } else { /* the last panel of a width that is not a multiple of NR */            \
                 float buf[NR];                                                                \
-                _mm256_storeu_ps(buf, lo[i]);                                                 \
-                _mm256_storeu_ps(buf + 8, hi[i]);                                             \
+                v_store(buf, lo[i]);                                                          \
+                v_store(buf + VL, hi[i]);                                                     \
                 memcpy(row, buf, cols * sizeof(float));                                       \
             }                                                                                 \
         }                                                                                     \
@@ -127,23 +179,36 @@ DEFINE_TILE(3)
 DEFINE_TILE(4)
 DEFINE_TILE(5)
 DEFINE_TILE(6)
+#if MR > 6
+DEFINE_TILE(7)
+DEFINE_TILE(8)
+#endif
 
-typedef void (*tile_fn)(const float *, int64_t, const float *, int, float *, int64_t, int);
-static const tile_fn tiles[MR + 1] = {NULL, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6};
+typedef void (*tile_fn)(const float *, int64_t, int64_t, const float *, int, float *, int64_t,
+                        int);
+static const tile_fn tiles[MR + 1] = {NULL,   tile_1, tile_2, tile_3, tile_4, tile_5, tile_6,
+#if MR > 6
+                                      tile_7, tile_8
+#endif
+};
 
-/* c (rows x n, row stride n) = a (rows x k_dim, row stride k_dim) @ B, B packed by pack_panel.
+/* Columns [p * NR, p * NR + NR) of c (rows x n, row stride n) = A @ B, for the `rows` rows of
+ * A (a(i, k) as in the tiles) and panel p of B, packed by pack_panel. */
+static void matmul_panel(const float *a, int64_t a_row, int64_t a_k, int rows, int k_dim,
+                         const float *panel, int p, int n, float *c) {
+    int cols = n - p * NR < NR ? n - p * NR : NR;
+    for (int i = 0; i < rows; i += MR) {
+        int m = rows - i < MR ? rows - i : MR;
+        tiles[m](a + i * a_row, a_row, a_k, panel, k_dim, c + (int64_t)i * n + p * NR, n, cols);
+    }
+}
+
+/* c (rows x n) = a (rows x k_dim, row-major) @ B, every panel of B packed by pack_panel.
  * Panel by panel, so that a panel stays in the L1 cache while every row tile uses it. */
 static void matmul_panels(const float *a, int rows, int k_dim, const float *panels, int n,
                           float *c) {
-    for (int p = 0; p * NR < n; p++) {
-        const float *panel = panels + (int64_t)p * k_dim * NR;
-        int cols = n - p * NR < NR ? n - p * NR : NR;
-        for (int i = 0; i < rows; i += MR) {
-            int m = rows - i < MR ? rows - i : MR;
-            tiles[m](a + (int64_t)i * k_dim, k_dim, panel, k_dim, c + (int64_t)i * n + p * NR, n,
-                     cols);
-        }
-    }
+    for (int p = 0; p * NR < n; p++)
+        matmul_panel(a, k_dim, 1, rows, k_dim, panels + (int64_t)p * k_dim * NR, p, n, c);
 }
 
 /* One thread's share: rows [first, first + rows) of every (batch, hidden) time-step block.
@@ -172,12 +237,12 @@ static void backward_rows(const struct rows_job *j) {
         float *d = j->dz + t * j->block;
         int64_t i = 0;
         /* dz_t = (g_t + dh_t) * (1 - h_t * h_t), each operation rounded as the framework's */
-        for (; i + 8 <= n; i += 8) {
-            __m256 hv = _mm256_loadu_ps(h + i);
-            __m256 local = _mm256_sub_ps(_mm256_set1_ps(1.0f), _mm256_mul_ps(hv, hv));
-            __m256 u = _mm256_loadu_ps(up + i);
-            if (g) u = _mm256_add_ps(_mm256_loadu_ps(g + i), u);
-            _mm256_storeu_ps(d + i, _mm256_mul_ps(u, local));
+        for (; i + VL <= n; i += VL) {
+            vec hv = v_load(h + i);
+            vec local = v_sub(v_set1(1.0f), v_mul(hv, hv));
+            vec u = v_load(up + i);
+            if (g) u = v_add(v_load(g + i), u);
+            v_store(d + i, v_mul(u, local));
         }
         for (; i < n; i++) {
             float local = 1.0f - h[i] * h[i];
@@ -226,7 +291,7 @@ static int run_split(void (*work)(const struct rows_job *), struct rows_job prot
     {
 #pragma omp for schedule(static)
         for (int p = 0; p < num_panels; p++)
-            pack_panel(w_hh, hidden, transpose, p, panels + (int64_t)p * hidden * NR);
+            pack_panel(w_hh, hidden, hidden, transpose, p, panels + (int64_t)p * hidden * NR);
 #pragma omp for schedule(static, 1)
         for (int i = 0; i < threads; i++) work(&jobs[i]);
     }
@@ -255,4 +320,27 @@ int tanh_recurrence_backward(int steps, int batch, int hidden, const float *outs
                            .outs = outs, .grad_out = grad_out, .dh = dh, .dz = dz,
                            .scratch = scratch};
     return run_split(backward_rows, job, w_hh, 0, batch, threads);
+}
+
+/* grad_w (hidden x hidden) = dz^T h = sum over the `rows` rows r of dz[r]^T h[r]; dz and h are
+ * (rows, hidden) row-major. Each element is one chain of fused multiply-adds over r in order;
+ * the panels of h (column blocks of grad_w) are split over `threads` OpenMP threads, each
+ * packing its panel and then using it for every row tile while it is in the cache.
+ * Returns 0, or -1 when out of memory. */
+int tanh_recurrence_weight_grad(int rows, int hidden, const float *dz, const float *h,
+                                float *grad_w, int threads) {
+    const int num_panels = (hidden + NR - 1) / NR;
+    size_t panel_bytes = ((size_t)rows * NR * sizeof(float) + 63) / 64 * 64;
+    float *panels = aligned_alloc(64, num_panels * panel_bytes);
+    if (!panels) return -1;
+    if (threads > num_panels) threads = num_panels;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int p = 0; p < num_panels; p++) {
+        float *panel = panels + p * (panel_bytes / sizeof(float));
+        pack_panel(h, rows, hidden, 0, p, panel);
+        matmul_panel(dz, 1, hidden, hidden, rows, panel, p, hidden, grad_w);
+    }
+    free(panels);
+    return 0;
 }

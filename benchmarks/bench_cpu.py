@@ -84,14 +84,23 @@ class Config:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
+    cpu, family_model = platform.processor() or "unknown", None
     try:
-        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = names[0] if names else cpu
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
+        info = ""
+    names = re.findall(r"^model name\s*:\s*(.+)$", info, re.M)
+    cpu = names[0] if names else cpu
+    family, model = (
+        re.search(r"^cpu family\s*:\s*(\d+)", info, re.M),
+        re.search(r"^model\s*:\s*(\d+)", info, re.M),
+    )
+    if family and model:  # e.g. AMD family 25 is Zen 3/4, 26 is Zen 5
+        family_model = f"family {family[1]} model {model[1]}"
     return {
         "cpu": cpu,
+        "cpu_family_model": family_model,
+        "kernel_isa": kernel_isa(),
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "memory_gb": _memory_gb(),
@@ -100,6 +109,20 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def kernel_isa() -> str | None:
+    """The instruction set the job's compiled kernel uses here (None: it cannot run here)."""
+    try:
+        from rnnlm import native
+    except ImportError:  # benchmarking a tree without the kernel
+        return None
+    if native.why_unavailable() is not None:
+        return None
+    try:
+        return native.chosen_isa()
+    except native.KernelUnavailable:
+        return None
 
 
 def _memory_gb() -> float | None:
@@ -279,6 +302,16 @@ def job_configs(corpus: Path, epochs: int, help_text: str) -> tuple[list[Config]
                 job_result,
             ),
         ]
+    if kernel_isa() == "avx512":  # the same bits from the narrower build: its speed, side by side
+        configs.append(
+            Config(
+                "ours_1proc_avx2",
+                "as ours_1proc, the compiled kernel's AVX2 build (RNNLM_CPU_CAPABILITY=avx2)",
+                job(*off),
+                job_result,
+                env={"RNNLM_CPU_CAPABILITY": "avx2"},
+            )
+        )
     if "--allreduce" in help_text:
         configs.append(
             Config(
@@ -397,6 +430,9 @@ def report_configs(configs: list[Config]) -> dict[str, Any]:
     gloo = out.get("ours_2ranks_gloo", {}).get("tokens_per_s")
     if gloo and two:
         scaling["2ranks_shm_vs_2ranks_gloo"] = two["median"] / gloo["median"]
+    avx2 = out.get("ours_1proc_avx2", {}).get("tokens_per_s")
+    if one and avx2:
+        scaling["1proc_avx512_vs_avx2"] = one["median"] / avx2["median"]
     chapter_t = out.get("chapter_1thread", {}).get("tokens_per_s")
     if one_t and chapter_t:
         scaling["per_core_1thread_vs_chapter_1thread"] = one_t["median"] / chapter_t["median"]

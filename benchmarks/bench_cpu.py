@@ -401,8 +401,14 @@ def ratios(top: list[float | None], bottom: list[float | None]) -> tuple[float, 
     return statistics.median(tops) / statistics.median(bottoms), summary(paired)
 
 
+def rates_of(config: Config) -> list[float | None]:
+    """Tokens/s of each repetition, None where it failed: the input of :func:`ratios`."""
+    return [r.tokens_per_s if r.ok else None for r in config.runs]
+
+
 def report_configs(configs: list[Config]) -> dict[str, Any]:
-    base_rates = [r.tokens_per_s if r.ok else None for r in configs[0].runs]
+    base_rates = rates_of(configs[0])
+    by_name = {config.name: config for config in configs}
     out: dict[str, Any] = {}
     for config in configs:
         ok = [r for r in config.runs if r.ok]
@@ -414,7 +420,7 @@ def report_configs(configs: list[Config]) -> dict[str, Any]:
             "peak_rss_mb": summary([r.peak_rss_mb for r in ok if r.peak_rss_mb]),
             "failures": [r.error for r in config.runs if not r.ok],
         }
-        versus = ratios([r.tokens_per_s if r.ok else None for r in config.runs], base_rates)
+        versus = ratios(rates_of(config), base_rates)
         if versus:
             entry["ratio_vs_chapter_of_medians"], entry["ratio_vs_chapter_paired"] = versus
         out[config.name] = entry
@@ -427,6 +433,9 @@ def report_configs(configs: list[Config]) -> dict[str, Any]:
         scaling["2ranks_vs_1proc"] = two["median"] / one["median"]
     if one_t and two:
         scaling["2ranks_vs_1proc_1thread"] = two["median"] / one_t["median"]
+        pairs = ratios(rates_of(by_name["ours_2ranks"]), rates_of(by_name["ours_1proc_1thread"]))
+        if pairs:  # the median of the repetitions' ratios: drift between them cancels
+            scaling["2ranks_vs_1proc_1thread_paired"] = pairs[1]["median"]
     gloo = out.get("ours_2ranks_gloo", {}).get("tokens_per_s")
     if gloo and two:
         scaling["2ranks_shm_vs_2ranks_gloo"] = two["median"] / gloo["median"]

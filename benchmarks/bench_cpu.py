@@ -121,7 +121,7 @@ def kernel_isa() -> str | None:
         return None
     try:
         return native.chosen_isa()
-    except native.KernelUnavailable:
+    except (native.KernelUnavailable, native.UnsupportedCapability):
         return None
 
 

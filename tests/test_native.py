@@ -187,6 +187,29 @@ def test_output_layer_matches_the_framework(
         assert ours_err <= 2 * framework_err + 1e-7, (name, ours_err, framework_err)
 
 
+def test_capability_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(native.ISA_ENV, raising=False)
+    assert native.chosen_isa() == ISAS[0]  # the widest this CPU has
+    monkeypatch.setenv(native.ISA_ENV, " AVX2 ")
+    assert native.chosen_isa() == "avx2"
+    for wrong in ["sse4", *(isa for isa in native.ISAS if isa not in ISAS)]:
+        monkeypatch.setenv(native.ISA_ENV, wrong)
+        with pytest.raises(native.UnsupportedCapability, match=", ".join(ISAS)):
+            native.chosen_isa()
+
+
+def test_unknown_capability_stops_the_job(corpus_path: Path, tmp_path: Path) -> None:
+    """A capability that cannot run is a user error: one line naming the variable and what
+    this CPU has, whatever --cpu-kernel (auto here) would otherwise fall back to."""
+    out = tmp_path / "out"
+    proc = run_job(
+        ["--corpus", str(corpus_path), "--output-dir", str(out), "--epochs", "1", "--no-tracking"],
+        env=job_env(RNNLM_CPU_CAPABILITY="sse4"),
+        cwd=tmp_path,
+    )
+    assert_refused(proc, native.ISA_ENV, "'sse4'", ", ".join(ISAS), out=out)
+
+
 def test_built_once_per_source_version(tmp_path: Path) -> None:
     first = native.build(tmp_path, "avx2")
     assert first.name == native.library_name("avx2") and first.exists()

@@ -44,6 +44,10 @@ class KernelUnavailable(RuntimeError):
     """The kernel cannot run here; the message says why in a few words."""
 
 
+class UnsupportedCapability(ValueError):
+    """$RNNLM_CPU_CAPABILITY names an instruction set this build or CPU does not have."""
+
+
 class TanhRecurrenceKernel:
     """The loaded library; tensors in, tensors filled in place (float32, contiguous, CPU).
 
@@ -133,23 +137,22 @@ def supported_isas() -> list[str]:
 
 
 def chosen_isa() -> str:
-    """$RNNLM_CPU_CAPABILITY where set, else the widest instruction set this CPU has."""
+    """$RNNLM_CPU_CAPABILITY where set, else the widest instruction set this CPU has. Raises
+    :class:`UnsupportedCapability` for a value that cannot run here, :class:`KernelUnavailable`
+    when the CPU has none of them."""
     supported = supported_isas()
     wanted = os.environ.get(ISA_ENV, "").strip().lower()
-    if not wanted:
-        if not supported:
-            raise KernelUnavailable("this CPU lacks AVX2/FMA")
-        return supported[0]
-    if wanted not in ISAS:
-        raise KernelUnavailable(f"{ISA_ENV}={wanted!r} is not one of {', '.join(ISAS)}")
-    if wanted not in supported:
-        raise KernelUnavailable(f"{ISA_ENV}={wanted}, but this CPU lacks {wanted.upper()}")
-    return wanted
+    if wanted and wanted not in supported:
+        why = "is not one of" if wanted not in ISAS else "is not supported by this CPU, which has"
+        raise UnsupportedCapability(f"{wanted!r} {why}: {', '.join(supported) or 'none'}")
+    if not supported:
+        raise KernelUnavailable("this CPU lacks AVX2/FMA")
+    return wanted or supported[0]
 
 
 def load(cache_dir: Path, isa: str | None = None) -> TanhRecurrenceKernel:
-    """Build (once) and load the kernel for ``isa`` (default :func:`chosen_isa`); raise
-    :class:`KernelUnavailable` saying why not."""
+    """Build (once) and load the kernel for ``isa`` (default :func:`chosen_isa`, which may raise
+    :class:`UnsupportedCapability`); raise :class:`KernelUnavailable` saying why it cannot."""
     why = why_unavailable()
     if why:
         raise KernelUnavailable(why)

@@ -33,6 +33,7 @@ from rnnlm.tracking import NullTracker, Tracker, standard_tags
 from rnnlm.vocab import Vocab
 
 log = logging.getLogger(__name__)
+STARTUP_RECORDS_WAIT_S = 10.0  # at most this long for the tracking run's opening records
 
 
 @dataclass(frozen=True)
@@ -289,6 +290,11 @@ def _train(
         tracker.log_artifact_text(data.vocab.to_json(), "vocab.json")
     else:
         tracker.resume(history)
+    # The run's opening records go out before the first step rather than during the first
+    # epochs, where the sender thread took 3-20% of their speed (bounded: an unreachable server
+    # must not hold training up; its records keep being retried).
+    if not tracker.wait_sent(STARTUP_RECORDS_WAIT_S):
+        log.warning("MLflow is slow: training starts before the run's first records are sent")
     step = make_step(config, model, module, optimizer, info)
     train_ids = data.train_ids.to(info.device)  # minibatches are views: no copy per step
     first_epoch = resumed.epoch if resumed else 1
@@ -328,7 +334,8 @@ def _train(
                 sum_over_ranks=sum_over_ranks,
             )
             history.epochs.append(stats)
-            extra = {f"rank{r}_tokens_per_s": v for r, v in enumerate(stats.tokens_per_s_by_rank)}
+            by_rank = stats.tokens_per_s_by_rank if info.world_size > 1 else ()  # else tokens_per_s
+            extra = {f"rank{r}_tokens_per_s": v for r, v in enumerate(by_rank)}
             if val_batches:
                 history.val_perplexity.append(evaluate(module, val_batches, info, sum_over_ranks))
                 extra["val_perplexity"] = history.val_perplexity[-1]

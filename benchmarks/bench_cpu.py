@@ -447,6 +447,9 @@ def report_configs(configs: list[Config]) -> dict[str, Any]:
         scaling["per_core_1thread_vs_chapter_1thread"] = one_t["median"] / chapter_t["median"]
     if one and track:
         scaling["tracking_slowdown"] = 1 - track["median"] / one["median"]
+        pairs = ratios(rates_of(by_name["ours_1proc_tracking"]), rates_of(by_name["ours_1proc"]))
+        if pairs:
+            scaling["tracking_slowdown_paired"] = 1 - pairs[1]["median"]
     out["_derived"] = scaling
     return out
 

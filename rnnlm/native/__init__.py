@@ -1,4 +1,5 @@
-"""The compiled CPU kernel of the chapter's recurrence (``tanh_recurrence.c``), built on first use.
+"""The compiled CPU kernel of the chapter's recurrence (``tanh_recurrence.c``), built on first use,
+and its matrix product for the model's other products.
 
 The C source needs no torch headers and no BLAS: the system C compiler builds it in well under
 a second, once per source version and instruction set, into ``<cache dir>/native`` (a build
@@ -49,10 +50,12 @@ class UnsupportedCapability(ValueError):
 
 
 class TanhRecurrenceKernel:
-    """The loaded library; tensors in, tensors filled in place (float32, contiguous, CPU).
+    """The loaded library: the recurrence fills tensors in place (float32, contiguous, CPU),
+    :meth:`matmul` multiplies float32 matrices of any strides.
 
-    The rows of the batch are split over torch's intra-op threads (``torch.get_num_threads``),
-    each running its rows' time steps; the split changes no bit.
+    The work is split over torch's intra-op threads (``torch.get_num_threads``): the recurrence
+    by batch rows, each thread running its rows' time steps, the product by blocks of its
+    output; the split changes no bit.
     """
 
     def __init__(self, library: ctypes.CDLL, isa: str) -> None:

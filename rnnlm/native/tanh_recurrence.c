@@ -7,10 +7,11 @@
  * k in order. Because each element is computed the same way whatever tile its row falls in and
  * whatever the vector width, splitting the batch across ranks, or across this process's threads
  * (run_split), changes no bit, and the AVX-512 build computes the AVX2 build's bits.
- * On this project's machine (AMD EPYC, 2 cores), a 35-step forward call on 16 rows took 0.99 ms
- * with MKL's packed products (torch's BLAS, which takes its AVX2 path on AMD), 0.66 ms with the
- * AVX2 build and 0.42 ms with the AVX-512 build. The elementwise work of a step is one fused
- * pass. rnnlm_matmul, at the end, runs the language model's other products on the same tiles.
+ * A 35-step forward call on 16 rows, one thread, took 0.63-0.66 ms with the AVX2 build and
+ * 0.37-0.42 ms with the AVX-512 build on an AMD EPYC Zen 5 (on a Zen 4: 0.77 ms with the AVX2
+ * build, 0.99 ms with MKL's packed products; torch's BLAS takes its AVX2 path on AMD). The
+ * elementwise work of a step is one fused pass. rnnlm_matmul, at the end, runs the language
+ * model's other products on the same tiles.
  * Built by rnnlm/native/__init__.py: x86-64 with AVX2 and FMA, or with -DRNNLM_AVX512 and
  * AVX-512 F/DQ; gcc's OpenMP.
  */

@@ -424,32 +424,29 @@ def report_configs(configs: list[Config]) -> dict[str, Any]:
         if versus:
             entry["ratio_vs_chapter_of_medians"], entry["ratio_vs_chapter_paired"] = versus
         out[config.name] = entry
-    one = out.get("ours_1proc", {}).get("tokens_per_s")
-    one_t = out.get("ours_1proc_1thread", {}).get("tokens_per_s")
-    two = out.get("ours_2ranks", {}).get("tokens_per_s")
-    track = out.get("ours_1proc_tracking", {}).get("tokens_per_s")
-    scaling = {}
-    if one and two:
-        scaling["2ranks_vs_1proc"] = two["median"] / one["median"]
-    if one_t and two:
-        scaling["2ranks_vs_1proc_1thread"] = two["median"] / one_t["median"]
-        pairs = ratios(rates_of(by_name["ours_2ranks"]), rates_of(by_name["ours_1proc_1thread"]))
-        if pairs:  # the median of the repetitions' ratios: drift between them cancels
-            scaling["2ranks_vs_1proc_1thread_paired"] = pairs[1]["median"]
-    gloo = out.get("ours_2ranks_gloo", {}).get("tokens_per_s")
-    if gloo and two:
-        scaling["2ranks_shm_vs_2ranks_gloo"] = two["median"] / gloo["median"]
-    avx2 = out.get("ours_1proc_avx2", {}).get("tokens_per_s")
-    if one and avx2:
-        scaling["1proc_avx512_vs_avx2"] = one["median"] / avx2["median"]
-    chapter_t = out.get("chapter_1thread", {}).get("tokens_per_s")
-    if one_t and chapter_t:
-        scaling["per_core_1thread_vs_chapter_1thread"] = one_t["median"] / chapter_t["median"]
-    if one and track:
-        scaling["tracking_slowdown"] = 1 - track["median"] / one["median"]
-        pairs = ratios(rates_of(by_name["ours_1proc_tracking"]), rates_of(by_name["ours_1proc"]))
-        if pairs:
-            scaling["tracking_slowdown_paired"] = 1 - pairs[1]["median"]
+
+    def versus(top: str, bottom: str) -> tuple[float, Any] | None:
+        """:func:`ratios` of two configurations' rates; None where either did not run."""
+        if top not in by_name or bottom not in by_name:
+            return None
+        return ratios(rates_of(by_name[top]), rates_of(by_name[bottom]))
+
+    scaling: dict[str, float] = {}
+    for key, top, bottom in [
+        ("2ranks_vs_1proc", "ours_2ranks", "ours_1proc"),
+        ("2ranks_vs_1proc_1thread", "ours_2ranks", "ours_1proc_1thread"),
+        ("2ranks_shm_vs_2ranks_gloo", "ours_2ranks", "ours_2ranks_gloo"),
+        ("1proc_avx512_vs_avx2", "ours_1proc", "ours_1proc_avx2"),
+        ("per_core_1thread_vs_chapter_1thread", "ours_1proc_1thread", "chapter_1thread"),
+    ]:
+        if compared := versus(top, bottom):
+            scaling[key] = compared[0]
+    # the median of the repetitions' ratios: drift between repetitions cancels
+    if compared := versus("ours_2ranks", "ours_1proc_1thread"):
+        scaling["2ranks_vs_1proc_1thread_paired"] = compared[1]["median"]
+    if compared := versus("ours_1proc_tracking", "ours_1proc"):
+        scaling["tracking_slowdown"] = 1 - compared[0]
+        scaling["tracking_slowdown_paired"] = 1 - compared[1]["median"]
     out["_derived"] = scaling
     return out
 

@@ -334,8 +334,7 @@ def _train(
                 sum_over_ranks=sum_over_ranks,
             )
             history.epochs.append(stats)
-            by_rank = stats.tokens_per_s_by_rank if info.world_size > 1 else ()  # else tokens_per_s
-            extra = {f"rank{r}_tokens_per_s": v for r, v in enumerate(by_rank)}
+            extra: dict[str, float] = {}
             if val_batches:
                 history.val_perplexity.append(evaluate(module, val_batches, info, sum_over_ranks))
                 extra["val_perplexity"] = history.val_perplexity[-1]

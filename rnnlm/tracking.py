@@ -49,7 +49,10 @@ class Tracker(Protocol):
 
     def log_config(self, config: dict[str, Any], tags: dict[str, str]) -> None: ...
     def log_dataset(self, source: str, sha1: str, num_tokens: int) -> None: ...
-    def log_epoch(self, stats: EpochStats, extra: dict[str, float]) -> None: ...
+    def log_epoch(self, stats: EpochStats, extra: dict[str, float]) -> None:
+        """``extra``: metrics of the epoch beyond ``stats`` (validation)."""
+        ...
+
     def log_sample(self, epoch: int, prefix: str, text: str) -> None: ...
     def log_artifact_text(self, text: str, path: str) -> None: ...
     def log_model(self, model_dir: Path, summary: dict[str, float]) -> None: ...
@@ -333,11 +336,14 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         # Every row costs the store: ~0.15 ms of CPU each on the embedded sqlite one, at ~60
         # epochs a second. So no row says what another does: the learning rate only when it
-        # changes, and epoch seconds are tokens over tokens_per_s.
+        # changes, each rank's rate only with several ranks, and epoch seconds are tokens over
+        # tokens_per_s.
+        by_rank = stats.tokens_per_s_by_rank if len(stats.tokens_per_s_by_rank) > 1 else ()
         values = {
             "train_perplexity": stats.perplexity,
             "tokens_per_s": stats.tokens_per_s,
             "grad_norm": stats.grad_norm,
+            **{f"rank{r}_tokens_per_s": rate for r, rate in enumerate(by_rank)},
             **extra,
         }
         if stats.lr != self.last_lr:

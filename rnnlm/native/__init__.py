@@ -244,15 +244,16 @@ def _private_temp_dir() -> Path:
     return path
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache  # read once: every load asks what the CPU has
+def _cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def _ptr(tensor: Tensor | None) -> int | None:

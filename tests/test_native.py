@@ -160,6 +160,22 @@ def test_weight_gradient_matches_float64(
     assert all(torch.equal(grad, by_threads[0]) for grad in by_threads)
 
 
+def test_product_blocked_along_the_inner_dimension_changes_no_bit(
+    kernel: native.TanhRecurrenceKernel,
+) -> None:
+    """:meth:`matmul` takes the inner dimension a block at a time (its tiles resume from the
+    partial sums); the recurrence's backward multiplies by ``W_hh`` in one unblocked chain. With
+    601 hidden units (several blocks, and a last panel narrower than a tile) both give the same
+    bits for ``dh_0 = dz_0 @ W_hh``."""
+    torch.manual_seed(5)
+    batch, hidden = 9, 601
+    w_hh = torch.randn(hidden, hidden) * hidden**-0.5
+    outs, grad = torch.tanh(torch.randn(1, batch, hidden)), torch.randn(1, batch, hidden)
+    dh, dz = torch.zeros(batch, hidden), torch.empty(1, batch, hidden)
+    kernel.backward(outs, grad, w_hh, dh, dz)
+    assert torch.equal(kernel.matmul(dz[0], w_hh), dh)
+
+
 @pytest.mark.parametrize("rows, features, out", [(1120, 256, 28), (70, 37, 5)])
 def test_output_layer_matches_the_framework(
     kernel: native.TanhRecurrenceKernel, rows: int, features: int, out: int

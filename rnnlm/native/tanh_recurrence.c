@@ -16,6 +16,7 @@
  * AVX-512 F/DQ; gcc's OpenMP.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -36,6 +37,7 @@ typedef __m512 vec;
 #define v_mul _mm512_mul_ps
 #define v_div _mm512_div_ps
 #define v_min _mm512_min_ps
+#define v_max _mm512_max_ps
 #define v_fmadd _mm512_fmadd_ps
 #define v_fnmadd _mm512_fnmadd_ps
 #define v_abs _mm512_abs_ps
@@ -61,6 +63,7 @@ typedef __m256 vec;
 #define v_mul _mm256_mul_ps
 #define v_div _mm256_div_ps
 #define v_min _mm256_min_ps
+#define v_max _mm256_max_ps
 #define v_fmadd _mm256_fmadd_ps
 #define v_fnmadd _mm256_fnmadd_ps
 #define v_abs(x) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), (x))
@@ -375,4 +378,68 @@ int rnnlm_matmul(int m, int n, int k_dim, const float *a, int64_t a_row, int64_t
     }
     free(panels);
     return 0;
+}
+
+/* exp(x) for x <= 0 (softmax's range): the exponent is clamped at -80, where exp is 1.8e-35,
+ * so that v_exp's exponent arithmetic stays among normal floats; a probability below that is
+ * reported as 1.8e-35 instead of something smaller, which no sum or gradient here can see. */
+static inline vec v_exp_nonpositive(vec x) { return v_exp(v_max(x, v_set1(-80.0f))); }
+
+/* The mean over `rows` rows of logits (rows x classes, row-major) of the cross-entropy against
+ * `targets`, into *mean; probs receives each row's softmax for the backward pass. Each row:
+ * m = max, s = sum of exp(x - m) in class order, loss = m + log(s) - x[target]; the rows' losses
+ * are summed in row order in double, so the result does not depend on `threads`. Returns 0, -1
+ * when out of memory, -2 for a target outside [0, classes). */
+int rnnlm_cross_entropy(int rows, int classes, const float *logits, const int64_t *targets,
+                        float *probs, float *mean, int threads) {
+    if (rows <= 0) { /* the mean of nothing, as torch gives it */
+        *mean = NAN;
+        return 0;
+    }
+    for (int r = 0; r < rows; r++)
+        if (targets[r] < 0 || targets[r] >= classes) return -2;
+    double *losses = malloc((size_t)rows * sizeof(double));
+    if (!losses) return -1;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const float *x = logits + (int64_t)r * classes;
+        float *p = probs + (int64_t)r * classes;
+        float top = x[0];
+        for (int j = 1; j < classes; j++) top = x[j] > top ? x[j] : top;
+        int j = 0;
+        for (; j + VL <= classes; j += VL)
+            v_store(p + j, v_exp_nonpositive(v_sub(v_load(x + j), v_set1(top))));
+        if (j < classes) {
+            float buf[VL] = {0};
+            for (int i = j; i < classes; i++) buf[i - j] = x[i] - top;
+            v_store(buf, v_exp_nonpositive(v_load(buf)));
+            for (int i = j; i < classes; i++) p[i] = buf[i - j];
+        }
+        float sum = 0.0f;
+        for (int i = 0; i < classes; i++) sum += p[i];
+        for (int i = 0; i < classes; i++) p[i] /= sum;
+        losses[r] = (double)top + log((double)sum) - (double)x[targets[r]];
+    }
+    double total = 0.0;
+    for (int r = 0; r < rows; r++) total += losses[r];
+    free(losses);
+    *mean = (float)(total / rows);
+    return 0;
+}
+
+/* The gradient of rnnlm_cross_entropy's mean times `upstream`: (softmax - onehot(target)) *
+ * (upstream / rows), into grad (rows x classes). */
+void rnnlm_cross_entropy_backward(int rows, int classes, const float *probs,
+                                  const int64_t *targets, float upstream, float *grad,
+                                  int threads) {
+    const float scale = upstream / (float)rows;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const float *p = probs + (int64_t)r * classes;
+        float *g = grad + (int64_t)r * classes;
+        for (int i = 0; i < classes; i++) g[i] = p[i] * scale;
+        g[targets[r]] -= scale;
+    }
 }

@@ -8,8 +8,9 @@ numbers (see :class:`TanhRecurrence`): ``one_hot(x) @ W_ih^T`` is exactly the ro
 are one large matrix product instead of one small product per time step. The parameters are
 still those of ``nn.RNN``, so the state_dict is unchanged. Where the job loads it, the compiled
 kernel (:mod:`rnnlm.native`, :class:`CompiledTanhRecurrence`) runs that recurrence instead, one
-call per sequence and direction, and the matrix products of the weight gradients and of the
-output layer (:class:`CompiledLinear`). On CUDA, and for GRU/LSTM, the framework's layer (cuDNN
+call per sequence and direction (looking the first layer's inputs up itself), the matrix
+products of the weight gradients and of the output layer (:class:`CompiledLinear`), and the
+training loss (:func:`cross_entropy`). On CUDA, and for GRU/LSTM, the framework's layer (cuDNN
 on a GPU) runs as in the chapter.
 
 Shape legend: ``B`` batch rows, ``T`` time steps, ``V`` vocabulary size, ``H`` hidden units,
@@ -65,16 +66,16 @@ class RNNLM(nn.Module):
             x = F.one_hot(inputs.T.long(), self.config.vocab_size).to(torch.float32)  # (T, B, V)
             y, state = self.rnn(x, state)  # y: (T, B, H)
         flat = y.reshape(-1, y.shape[-1])
-        if self._use_kernel(y):
+        if self._use_kernel(y, len(y)):
             linear = self.linear
             return CompiledLinear.apply(self.kernel, flat, linear.weight, linear.bias), state
         return self.linear(flat), state
 
-    def _use_kernel(self, y: Tensor) -> bool:
-        """The compiled kernel runs sequences: one time step per call (text generation) takes
-        the framework's operations, as the kernel reorganises its weights at every call, which
-        pays off over a sequence and made a one-step recurrence 3x slower."""
-        return self.kernel is not None and y.dtype == torch.float32 and len(y) > 1
+    def _use_kernel(self, values: Tensor, steps: int) -> bool:
+        """The compiled kernel runs float32 sequences: one time step per call (text generation)
+        takes the framework's operations, as the kernel reorganises its weights at every call,
+        which pays off over a sequence and made a one-step recurrence 3x slower."""
+        return self.kernel is not None and values.dtype == torch.float32 and steps > 1
 
     def _tanh_layers(self, ids: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """``nn.RNN``'s CPU computation, layer by layer: the input projection of the whole
@@ -90,10 +91,17 @@ class RNNLM(nn.Module):
             if layer == 0:
                 # one_hot(y) @ W_ih^T + b_ih picks row y of W_ih^T and adds b_ih: the same
                 # single rounding as looking the row up in the (V, H) table W_ih^T + b_ih.
-                pre = F.embedding(y, (w_ih.t() + b_ih).contiguous())  # rows gather fast
+                table = (w_ih.t() + b_ih).contiguous()
+                if self._use_kernel(table, len(y)):  # the kernel looks the rows up itself
+                    y, h_last = CompiledTanhRecurrence.apply(
+                        self.kernel, table, state[layer], w_hh, b_hh, y.contiguous()
+                    )
+                    finals.append(h_last)
+                    continue
+                pre = F.embedding(y, table)  # rows gather fast
             else:
                 pre = F.linear(y, w_ih, b_ih)
-            if self._use_kernel(pre):
+            if self._use_kernel(pre, len(pre)):
                 y, h_last = CompiledTanhRecurrence.apply(self.kernel, pre, state[layer], w_hh, b_hh)
             else:
                 y, h_last = TanhRecurrence.apply(pre, state[layer], w_hh, b_hh)
@@ -164,6 +172,11 @@ class TanhRecurrence(torch.autograd.Function):
 class CompiledTanhRecurrence(torch.autograd.Function):
     """:class:`TanhRecurrence` with each direction in one call of the compiled kernel.
 
+    Given ``ids`` (T, B), ``pre`` is the first layer's (V, H) table and the kernel looks each
+    step's rows up itself: the (T, B, H) lookup is never written out, and the table's gradient
+    is the rows of ``dL/dpre_t`` added up by id (``index_add_``; the framework's embedding
+    backward took twice as long).
+
     The step's matrix products are the kernel's own (each element one FMA chain in order) and
     so is ``tanh`` (within 2 ulp of the exact value, where torch's differs by < 1 ulp), so
     outputs match the framework path to round-off, not bit for bit. The backward's elementwise
@@ -173,15 +186,21 @@ class CompiledTanhRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, kernel: TanhRecurrenceKernel, pre: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor
+        ctx: Any,
+        kernel: TanhRecurrenceKernel,
+        pre: Tensor,
+        h0: Tensor,
+        w_hh: Tensor,
+        b_hh: Tensor,
+        ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        num_steps, batch, hidden = pre.shape
-        hs = pre.new_empty(num_steps + 1, batch, hidden)
+        num_steps = len(pre) if ids is None else len(ids)
+        hs = pre.new_empty(num_steps + 1, *h0.shape)
         hs[0] = h0
         w_hh = w_hh.contiguous()
-        kernel.forward(pre.contiguous(), w_hh, b_hh.contiguous(), hs)
-        ctx.kernel = kernel
-        ctx.save_for_backward(hs, w_hh)
+        kernel.forward(pre.contiguous(), w_hh, b_hh.contiguous(), hs, ids)
+        ctx.kernel, ctx.table_rows = kernel, None if ids is None else len(pre)
+        ctx.save_for_backward(hs, w_hh, ids)
         ctx.set_materialize_grads(False)
         return hs[1:], hs[-1].clone()
 
@@ -189,7 +208,7 @@ class CompiledTanhRecurrence(torch.autograd.Function):
     def backward(
         ctx: Any, grad_out: Tensor | None, grad_last: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        hs, w_hh = ctx.saved_tensors
+        hs, w_hh, ids = ctx.saved_tensors
         outs = hs[1:]
         dh = hs.new_zeros(outs.shape[1:]) if grad_last is None else grad_last.contiguous().clone()
         dz = torch.empty_like(outs)
@@ -197,7 +216,13 @@ class CompiledTanhRecurrence(torch.autograd.Function):
         ctx.kernel.backward(outs, grad, w_hh, dh, dz)
         need_w, need_b = ctx.needs_input_grad[3:5]
         grad_w, grad_b = _weight_grads(dz, hs, need_w, need_b, ctx.kernel)
-        return None, dz, dh if ctx.needs_input_grad[2] else None, grad_w, grad_b
+        grad_pre = dz
+        if ids is not None and ctx.needs_input_grad[1]:
+            flat = dz.view(-1, dz.shape[-1])
+            grad_pre = flat.new_zeros(ctx.table_rows, flat.shape[1]).index_add_(
+                0, ids.view(-1), flat
+            )
+        return None, grad_pre, dh if ctx.needs_input_grad[2] else None, grad_w, grad_b, None
 
 
 class CompiledLinear(torch.autograd.Function):

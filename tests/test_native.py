@@ -203,6 +203,39 @@ def test_output_layer_matches_the_framework(
         assert ours_err <= 2 * framework_err + 1e-7, (name, ours_err, framework_err)
 
 
+def test_lookup_inside_the_recurrence(kernel: native.TanhRecurrenceKernel) -> None:
+    """Given ids, the kernel looks the first layer's inputs up in the table itself: the same
+    bits as looking them up first (``F.embedding``) for the outputs and every other gradient,
+    and the table's gradient as the framework's embedding backward computes it, to round-off."""
+    torch.manual_seed(7)
+    steps, batch, vocab, hidden = 35, 16, 28, 64
+    ids = torch.randint(0, vocab, (steps, batch))
+    table, h0 = torch.randn(vocab, hidden), torch.randn(batch, hidden) * 0.5
+    w_hh, b_hh = torch.randn(hidden, hidden) * hidden**-0.5, torch.randn(hidden) * 0.1
+    grad_out = torch.randn(steps, batch, hidden)
+    results = []
+    for lookup_inside in (True, False):
+        leaves = [t.clone().requires_grad_(True) for t in (table, h0, w_hh, b_hh)]
+        tab, h, w, b = leaves
+        if lookup_inside:
+            out, last = CompiledTanhRecurrence.apply(kernel, tab, h, w, b, ids)
+        else:
+            pre = torch.nn.functional.embedding(ids, tab)
+            out, last = CompiledTanhRecurrence.apply(kernel, pre, h, w, b)
+        (out * grad_out).sum().add(last.sum()).backward()
+        results.append([out.detach(), last.detach(), *(t.grad for t in leaves)])
+    names = ["outputs", "last", "d table", "d h0", "d w_hh", "d b_hh"]
+    for name, inside, outside in zip(names, *results, strict=True):
+        if name == "d table":
+            torch.testing.assert_close(inside, outside, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(inside, outside), name
+    beyond = ids.clone()
+    beyond[3, 4] = vocab
+    with pytest.raises(IndexError, match=r"outside \[0, 28\)"):
+        CompiledTanhRecurrence.apply(kernel, table, h0, w_hh, b_hh, beyond)
+
+
 @pytest.mark.parametrize("rows, classes, scale", [(1120, 28, 3.0), (33, 7, 60.0)])
 def test_cross_entropy_matches_the_framework(
     kernel: native.TanhRecurrenceKernel, rows: int, classes: int, scale: float

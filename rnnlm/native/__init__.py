@@ -1,5 +1,5 @@
 """The compiled CPU kernel of the chapter's recurrence (``tanh_recurrence.c``), built on first use,
-and its matrix product for the model's other products.
+its matrix product for the model's other products, and the training loss.
 
 The C source needs no torch headers and no BLAS: the system C compiler builds it in well under
 a second, once per source version and instruction set, into ``<cache dir>/native`` (a build
@@ -64,7 +64,13 @@ class TanhRecurrenceKernel:
         self.isa = isa
         self.threads: int | None = None  # None: torch.get_num_threads() at each call
         ints, ptrs = [ctypes.c_int] * 3, [ctypes.c_void_p]
-        library.tanh_recurrence_forward.argtypes = [*ints, *ptrs * 4, ctypes.c_int]
+        library.tanh_recurrence_forward.argtypes = [
+            *ints,
+            *ptrs * 2,  # pre, ids
+            ctypes.c_int,  # table rows
+            *ptrs * 3,
+            ctypes.c_int,
+        ]
         library.tanh_recurrence_backward.argtypes = [*ints, *ptrs * 6, ctypes.c_int]
         strided: list[type[ctypes.c_void_p] | type[ctypes.c_int64]]
         strided = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # a pointer and 2 strides
@@ -83,16 +89,33 @@ class TanhRecurrenceKernel:
         library.tanh_recurrence_backward.restype = ctypes.c_int
         library.rnnlm_matmul.restype = ctypes.c_int
 
-    def forward(self, pre: Tensor, w_hh: Tensor, b_hh: Tensor, hs: Tensor) -> None:
-        """Fill ``hs[1:]`` (T+1, B, H) from ``hs[0]`` and ``pre`` (T, B, H)."""
-        steps, batch, hidden = pre.shape
-        args = (pre, w_hh, b_hh, hs)
-        _check_shapes(
-            args, [(steps, batch, hidden), (hidden, hidden), (hidden,), (steps + 1, batch, hidden)]
-        )
+    def forward(
+        self, pre: Tensor, w_hh: Tensor, b_hh: Tensor, hs: Tensor, ids: Tensor | None = None
+    ) -> None:
+        """Fill ``hs[1:]`` (T+1, B, H) from ``hs[0]`` and the inputs: ``pre`` (T, B, H), or with
+        ``ids`` (T, B) int64 the rows of the table ``pre`` (V, H) they pick."""
+        steps, batch, hidden = hs.shape[0] - 1, hs.shape[1], hs.shape[-1]
+        table_rows = pre.shape[0]
+        weights = (w_hh, b_hh, hs)
+        shapes = [(hidden, hidden), (hidden,), (steps + 1, batch, hidden)]
+        if ids is None:
+            _check_shapes((pre, *weights), [(steps, batch, hidden), *shapes])
+        else:
+            _check_shapes((pre, *weights), [(table_rows, hidden), *shapes])
+            if ids.dtype != torch.int64 or not ids.is_contiguous() or ids.shape != (steps, batch):
+                raise ValueError(f"ids must be contiguous int64 of shape {(steps, batch)}")
         status = self._lib.tanh_recurrence_forward(
-            steps, batch, hidden, *map(_ptr, args), self._threads()
+            steps,
+            batch,
+            hidden,
+            _ptr(pre),
+            _ptr(ids),
+            table_rows,
+            *map(_ptr, weights),
+            self._threads(),
         )
+        if status == -2:
+            raise IndexError(f"an id is outside [0, {table_rows})")
         _check(status)
 
     def backward(

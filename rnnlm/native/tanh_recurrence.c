@@ -10,8 +10,9 @@
  * A 35-step forward call on 16 rows, one thread, took 0.63-0.66 ms with the AVX2 build and
  * 0.37-0.42 ms with the AVX-512 build on an AMD EPYC Zen 5 (on a Zen 4: 0.77 ms with the AVX2
  * build, 0.99 ms with MKL's packed products; torch's BLAS takes its AVX2 path on AMD). The
- * elementwise work of a step is one fused pass. rnnlm_matmul, at the end, runs the language
- * model's other products on the same tiles.
+ * elementwise work of a step is one fused pass (which, for the first layer, also looks the
+ * inputs up in the embedding table). rnnlm_matmul, further down, runs the language model's
+ * other products on the same tiles; rnnlm_cross_entropy, at the end, its training loss.
  * Built by rnnlm/native/__init__.py: x86-64 with AVX2 and FMA, or with -DRNNLM_AVX512 and
  * AVX-512 F/DQ; gcc's OpenMP.
  */
@@ -113,11 +114,13 @@ static inline vec v_tanh(vec x) {
     return v_select(v_is_nan(x), x, y); /* NaN stays NaN */
 }
 
-/* out[i] = tanh(out[i] + bias[i % hidden] + pre[i]) over one (rows, hidden) block. */
-static void bias_add_tanh(float *out, const float *pre, const float *bias, int rows, int hidden) {
+/* out[r] = tanh(out[r] + bias + pre row) for the rows of one (rows, hidden) block, where the
+ * pre row is row ids[r] of the table `pre` when ids is given, else row r of the block `pre`. */
+static void bias_add_tanh(float *out, const float *pre, const int64_t *ids, const float *bias,
+                          int rows, int hidden) {
     for (int r = 0; r < rows; r++) {
         float *o = out + (int64_t)r * hidden;
-        const float *p = pre + (int64_t)r * hidden;
+        const float *p = pre + (ids ? ids[r] : r) * (int64_t)hidden;
         int j = 0;
         for (; j + VL <= hidden; j += VL) {
             vec v = v_add(v_load(o + j), v_load(bias + j));
@@ -228,10 +231,12 @@ static void matmul_panels(const float *a, int rows, int k_dim, const float *pane
 }
 
 /* One thread's share: rows [first, first + rows) of every (batch, hidden) time-step block.
- * Tensors are (steps[+1], batch, hidden); the pointers below already point at row `first`. */
+ * Tensors are (steps[+1], batch, hidden); the pointers below already point at row `first`
+ * (but for a table `pre`, whose rows ids (steps, batch) picks). */
 struct rows_job {
-    int steps, rows, hidden;
+    int steps, rows, hidden, batch;
     int64_t block; /* batch * hidden: the distance between two time steps */
+    const int64_t *ids;
     const float *pre, *panels, *b_hh, *outs, *grad_out;
     float *hs, *dh, *dz, *scratch;
 };
@@ -240,7 +245,10 @@ static void forward_rows(const struct rows_job *j) {
     for (int t = 0; t < j->steps; t++) {
         float *out = j->hs + (t + 1) * j->block;
         matmul_panels(j->hs + t * j->block, j->rows, j->hidden, j->panels, j->hidden, out);
-        bias_add_tanh(out, j->pre + t * j->block, j->b_hh, j->rows, j->hidden);
+        if (j->ids)
+            bias_add_tanh(out, j->pre, j->ids + t * j->batch, j->b_hh, j->rows, j->hidden);
+        else
+            bias_add_tanh(out, j->pre + t * j->block, NULL, j->b_hh, j->rows, j->hidden);
     }
 }
 
@@ -294,7 +302,8 @@ static int run_split(void (*work)(const struct rows_job *), struct rows_job prot
         jobs[i] = proto;
         jobs[i].rows = rows;
         jobs[i].panels = panels;
-        jobs[i].pre = proto.pre ? proto.pre + offset : NULL;
+        jobs[i].ids = proto.ids ? proto.ids + first : NULL;
+        jobs[i].pre = proto.pre && !proto.ids ? proto.pre + offset : proto.pre;
         jobs[i].outs = proto.outs ? proto.outs + offset : NULL;
         jobs[i].grad_out = proto.grad_out ? proto.grad_out + offset : NULL;
         jobs[i].hs = proto.hs ? proto.hs + offset : NULL;
@@ -317,12 +326,18 @@ static int run_split(void (*work)(const struct rows_job *), struct rows_job prot
 }
 
 /* hs: (steps + 1, batch, hidden), hs[0] = h_0 on entry; fills hs[1..steps].
- * pre: (steps, batch, hidden); w_hh: (hidden, hidden) row-major; b_hh: (hidden).
- * Returns 0, or -1 when out of memory. */
+ * pre: (steps, batch, hidden), or with ids (steps, batch) a table (table_rows, hidden) whose
+ * row ids[t][b] is step t's input for row b (the embedding lookup, without writing the lookup
+ * out); w_hh: (hidden, hidden) row-major; b_hh: (hidden).
+ * Returns 0, -1 when out of memory, -2 for an id outside [0, table_rows). */
 int tanh_recurrence_forward(int steps, int batch, int hidden, const float *pre,
-                            const float *w_hh, const float *b_hh, float *hs, int threads) {
-    struct rows_job job = {.steps = steps, .hidden = hidden, .block = (int64_t)batch * hidden,
-                           .pre = pre, .b_hh = b_hh, .hs = hs};
+                            const int64_t *ids, int table_rows, const float *w_hh,
+                            const float *b_hh, float *hs, int threads) {
+    for (int64_t i = 0; ids && i < (int64_t)steps * batch; i++)
+        if (ids[i] < 0 || ids[i] >= table_rows) return -2;
+    struct rows_job job = {.steps = steps, .hidden = hidden, .batch = batch,
+                           .block = (int64_t)batch * hidden, .ids = ids, .pre = pre,
+                           .b_hh = b_hh, .hs = hs};
     return run_split(forward_rows, job, w_hh, 1, batch, threads);
 }
 

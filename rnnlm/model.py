@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from rnnlm.config import ModelConfig
@@ -205,6 +206,7 @@ class CompiledTanhRecurrence(torch.autograd.Function):
         return hs[1:], hs[-1].clone()
 
     @staticmethod
+    @once_differentiable
     def backward(
         ctx: Any, grad_out: Tensor | None, grad_last: Tensor | None
     ) -> tuple[Tensor | None, ...]:
@@ -216,7 +218,7 @@ class CompiledTanhRecurrence(torch.autograd.Function):
         ctx.kernel.backward(outs, grad, w_hh, dh, dz)
         need_w, need_b = ctx.needs_input_grad[3:5]
         grad_w, grad_b = _weight_grads(dz, hs, need_w, need_b, ctx.kernel)
-        grad_pre = dz
+        grad_pre = dz if ids is None else None
         if ids is not None and ctx.needs_input_grad[1]:
             flat = dz.view(-1, dz.shape[-1])
             grad_pre = flat.new_zeros(ctx.table_rows, flat.shape[1]).index_add_(
@@ -240,6 +242,7 @@ class CompiledLinear(torch.autograd.Function):
         return kernel.matmul(x, weight.t()).add_(bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         kernel: TanhRecurrenceKernel = ctx.kernel
@@ -254,9 +257,10 @@ class CompiledLinear(torch.autograd.Function):
 class CompiledCrossEntropy(torch.autograd.Function):
     """``F.cross_entropy(logits, targets)`` (the mean) in one pass of the compiled kernel, and
     its backward in another: the framework's log-softmax, NLL and their backward passes are four
-    operations that took 0.2 ms a step on 1,120 rows of 28 classes. Each row's loss is computed
-    in float32 as the framework does (max, sum of exponentials, log) and the rows are summed in
-    double, so the mean matches the framework's to round-off."""
+    operations that took 0.2 ms a step on 1,120 rows of 28 classes. Each row's loss follows the
+    framework's steps (max, a float32 sum of exponentials, then the log in double), the rows are
+    summed in double, so the mean matches the framework's to round-off. First-order only, as
+    the kernel's other Functions (``once_differentiable``)."""
 
     @staticmethod
     def forward(ctx: Any, kernel: TanhRecurrenceKernel, logits: Tensor, targets: Tensor) -> Tensor:
@@ -267,6 +271,7 @@ class CompiledCrossEntropy(torch.autograd.Function):
         return mean
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         probs, targets = ctx.saved_tensors
         return None, ctx.kernel.cross_entropy_grad(probs, targets, float(grad)), None

@@ -230,6 +230,12 @@ def test_lookup_inside_the_recurrence(kernel: native.TanhRecurrenceKernel) -> No
             torch.testing.assert_close(inside, outside, rtol=1e-5, atol=1e-5)
         else:
             assert torch.equal(inside, outside), name
+    try:  # rows split over 3 threads: the same bits
+        kernel.threads = 3
+        out3, _ = CompiledTanhRecurrence.apply(kernel, table, h0, w_hh, b_hh, ids)
+    finally:
+        kernel.threads = None
+    assert torch.equal(out3, results[0][0])
     beyond = ids.clone()
     beyond[3, 4] = vocab
     with pytest.raises(IndexError, match=r"outside \[0, 28\)"):
@@ -259,6 +265,29 @@ def test_cross_entropy_matches_the_framework(
         assert a.dtype == torch.float32 and a.shape == e.shape, name
         ours_err, framework_err = (a.double() - e).abs().max(), (b.double() - e).abs().max()
         assert ours_err <= 2 * framework_err + 1e-7, (name, ours_err, framework_err)
+
+
+def test_cross_entropy_keeps_non_finite_logits_visible(
+    kernel: native.TanhRecurrenceKernel,
+) -> None:
+    """A NaN or +inf logit anywhere in a row makes the loss NaN, as the framework's does, so the
+    job's non-finite-loss check stops training; the same bits on 1 or 3 threads."""
+    logits = torch.randn(40, 9)
+    for bad in (float("nan"), float("inf")):
+        broken = logits.clone()
+        broken[17, 4] = bad
+        targets = torch.zeros(40, dtype=torch.long)
+        assert torch.isnan(torch.nn.functional.cross_entropy(broken, targets))
+        assert torch.isnan(CompiledCrossEntropy.apply(kernel, broken, targets)), bad
+    targets = torch.randint(0, 9, (40,))
+    by_threads = []
+    try:
+        for threads in (1, 3):
+            kernel.threads = threads
+            by_threads.append(CompiledCrossEntropy.apply(kernel, logits, targets))
+    finally:
+        kernel.threads = None
+    assert torch.equal(by_threads[0], by_threads[1])
 
 
 def test_cross_entropy_refuses_a_target_out_of_range(kernel: native.TanhRecurrenceKernel) -> None:

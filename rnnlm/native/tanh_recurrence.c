@@ -81,7 +81,8 @@ typedef __m256 vec;
 #define NR (2 * VL) /* columns per packed panel: two vectors */
 #define KC (4096 / NR) /* inner-dimension block of rnnlm_matmul: a 16 KiB panel */
 
-/* exp(x) for x in [0, 20] (tanh's range below): Cephes' expf, ~1 ulp. */
+/* exp(x) for x in [-80, 20] (tanh's and softmax's ranges below): Cephes' expf, ~1 ulp; NaN stays
+ * NaN. */
 static inline vec v_exp(vec x) {
     vec n = v_round_nearest(v_mul(x, v_set1(1.44269504088896341f)));
     vec r = v_fnmadd(n, v_set1(0.693359375f), x);
@@ -397,12 +398,16 @@ int rnnlm_matmul(int m, int n, int k_dim, const float *a, int64_t a_row, int64_t
 
 /* exp(x) for x <= 0 (softmax's range): the exponent is clamped at -80, where exp is 1.8e-35,
  * so that v_exp's exponent arithmetic stays among normal floats; a probability below that is
- * reported as 1.8e-35 instead of something smaller, which no sum or gradient here can see. */
-static inline vec v_exp_nonpositive(vec x) { return v_exp(v_max(x, v_set1(-80.0f))); }
+ * reported as 1.8e-35 instead of something smaller, which no sum or gradient here can see.
+ * The clamp is max(-80, x), whose x operand is the one returned when x is NaN: a NaN logit (or
+ * inf - inf from an infinite one) makes the row's loss NaN, as in the framework, so the job's
+ * non-finite-loss check sees it. */
+static inline vec v_exp_nonpositive(vec x) { return v_exp(v_max(v_set1(-80.0f), x)); }
 
 /* The mean over `rows` rows of logits (rows x classes, row-major) of the cross-entropy against
  * `targets`, into *mean; probs receives each row's softmax for the backward pass. Each row:
- * m = max, s = sum of exp(x - m) in class order, loss = m + log(s) - x[target]; the rows' losses
+ * m = max, s = sum of exp(x - m) in class order (float32), loss = m + log(s) - x[target] (in
+ * double); the rows' losses
  * are summed in row order in double, so the result does not depend on `threads`. Returns 0, -1
  * when out of memory, -2 for a target outside [0, classes). */
 int rnnlm_cross_entropy(int rows, int classes, const float *logits, const int64_t *targets,

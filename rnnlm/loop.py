@@ -18,11 +18,12 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from rnnlm.batching import Minibatch
 from rnnlm.distributed import DistInfo, SumOverRanks, all_reduce_sum
 from rnnlm.errors import UserError
-from rnnlm.model import RNNLM, State, cross_entropy, detach_state
+from rnnlm.model import RNNLM, State, detach_state
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class EagerStep:
         clip: float,
         autocast: torch.dtype | None = None,
     ) -> None:
-        self.model, self.module, self.optimizer, self.clip = model, module, optimizer, clip
+        self.model, self.optimizer, self.clip = model, optimizer, clip
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.autocast = autocast
 
@@ -123,7 +124,7 @@ class EagerStep:
             x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None
         ):
             logits, state = self.model(x, state)
-            loss = cross_entropy(self.module, logits, targets)  # mean over this rank's targets
+            loss = F.cross_entropy(logits.float(), targets)  # mean over this rank's targets
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages gradients over ranks: the mean over the global batch
         norm = clip_gradients(self.params, self.clip)

@@ -8,10 +8,9 @@ numbers (see :class:`TanhRecurrence`): ``one_hot(x) @ W_ih^T`` is exactly the ro
 are one large matrix product instead of one small product per time step. The parameters are
 still those of ``nn.RNN``, so the state_dict is unchanged. Where the job loads it, the compiled
 kernel (:mod:`rnnlm.native`, :class:`CompiledTanhRecurrence`) runs that recurrence instead, one
-call per sequence and direction (looking the first layer's inputs up itself), the matrix
-products of the weight gradients and of the output layer (:class:`CompiledLinear`), and the
-training loss (:func:`cross_entropy`). On CUDA, and for GRU/LSTM, the framework's layer (cuDNN
-on a GPU) runs as in the chapter.
+call per sequence and direction (looking the first layer's inputs up itself), and the matrix
+products of the weight gradients and of the output layer (:class:`CompiledLinear`). On CUDA,
+and for GRU/LSTM, the framework's layer (cuDNN on a GPU) runs as in the chapter.
 
 Shape legend: ``B`` batch rows, ``T`` time steps, ``V`` vocabulary size, ``H`` hidden units,
 ``L`` layers.
@@ -252,37 +251,6 @@ class CompiledLinear(torch.autograd.Function):
         # than W's 28 rows (0.10 against 0.17 ms)
         grad_w = kernel.matmul(x.t(), grad).t().contiguous() if need_w else None
         return None, grad_x, grad_w, grad.sum(dim=0) if need_b else None
-
-
-class CompiledCrossEntropy(torch.autograd.Function):
-    """``F.cross_entropy(logits, targets)`` (the mean) in one pass of the compiled kernel, and
-    its backward in another: the framework's log-softmax, NLL and their backward passes are four
-    operations that took 0.2 ms a step on 1,120 rows of 28 classes. Each row's loss follows the
-    framework's steps (max, a float32 sum of exponentials, then the log in double), the rows are
-    summed in double, so the mean matches the framework's to round-off. First-order only, as
-    the kernel's other Functions (``once_differentiable``)."""
-
-    @staticmethod
-    def forward(ctx: Any, kernel: TanhRecurrenceKernel, logits: Tensor, targets: Tensor) -> Tensor:
-        probs = torch.empty_like(logits)
-        mean = kernel.cross_entropy(logits.contiguous(), targets.contiguous(), probs)
-        ctx.kernel = kernel
-        ctx.save_for_backward(probs, targets)
-        return mean
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        probs, targets = ctx.saved_tensors
-        return None, ctx.kernel.cross_entropy_grad(probs, targets, float(grad)), None
-
-
-def cross_entropy(module: RNNLM, logits: Tensor, targets: Tensor) -> Tensor:
-    """The mean cross-entropy of ``logits`` (N, V) against ``targets`` (N,): the compiled
-    kernel's where the model runs it on float32 logits, else ``F.cross_entropy``."""
-    if module.kernel is not None and logits.dtype == torch.float32 and logits.device.type == "cpu":
-        return CompiledCrossEntropy.apply(module.kernel, logits, targets)
-    return F.cross_entropy(logits.float(), targets)
 
 
 def _weight_grads(

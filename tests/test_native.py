@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rnnlm import native
-from rnnlm.model import CompiledCrossEntropy, CompiledLinear, CompiledTanhRecurrence
+from rnnlm.model import CompiledLinear, CompiledTanhRecurrence
 from tests.conftest import job_env, read_train_info, run_job
 from tests.test_bad_input import assert_refused
 
@@ -240,59 +240,6 @@ def test_lookup_inside_the_recurrence(kernel: native.TanhRecurrenceKernel) -> No
     beyond[3, 4] = vocab
     with pytest.raises(IndexError, match=r"outside \[0, 28\)"):
         CompiledTanhRecurrence.apply(kernel, table, h0, w_hh, b_hh, beyond)
-
-
-@pytest.mark.parametrize("rows, classes, scale", [(1120, 28, 3.0), (33, 7, 60.0)])
-def test_cross_entropy_matches_the_framework(
-    kernel: native.TanhRecurrenceKernel, rows: int, classes: int, scale: float
-) -> None:
-    """:class:`CompiledCrossEntropy`: the mean loss and the logits' gradient against
-    ``F.cross_entropy`` in float32 and float64, also for logits far apart (scale 60: most
-    probabilities underflow)."""
-    torch.manual_seed(6)
-    logits, targets = torch.randn(rows, classes) * scale, torch.randint(0, classes, (rows,))
-
-    def run(fn: object, dtype: torch.dtype) -> list[torch.Tensor]:
-        leaf = logits.to(dtype, copy=True).requires_grad_(True)
-        loss = fn(leaf, targets)  # type: ignore[operator]
-        (loss * 0.5).backward()
-        return [loss.detach(), leaf.grad]
-
-    ours = run(lambda x, t: CompiledCrossEntropy.apply(kernel, x, t), torch.float32)
-    framework = run(torch.nn.functional.cross_entropy, torch.float32)
-    exact = run(torch.nn.functional.cross_entropy, torch.float64)
-    for name, a, b, e in zip(["loss", "d logits"], ours, framework, exact, strict=True):
-        assert a.dtype == torch.float32 and a.shape == e.shape, name
-        ours_err, framework_err = (a.double() - e).abs().max(), (b.double() - e).abs().max()
-        assert ours_err <= 2 * framework_err + 1e-7, (name, ours_err, framework_err)
-
-
-def test_cross_entropy_keeps_non_finite_logits_visible(
-    kernel: native.TanhRecurrenceKernel,
-) -> None:
-    """A NaN or +inf logit anywhere in a row makes the loss NaN, as the framework's does, so the
-    job's non-finite-loss check stops training; the same bits on 1 or 3 threads."""
-    logits = torch.randn(40, 9)
-    for bad in (float("nan"), float("inf")):
-        broken = logits.clone()
-        broken[17, 4] = bad
-        targets = torch.zeros(40, dtype=torch.long)
-        assert torch.isnan(torch.nn.functional.cross_entropy(broken, targets))
-        assert torch.isnan(CompiledCrossEntropy.apply(kernel, broken, targets)), bad
-    targets = torch.randint(0, 9, (40,))
-    by_threads = []
-    try:
-        for threads in (1, 3):
-            kernel.threads = threads
-            by_threads.append(CompiledCrossEntropy.apply(kernel, logits, targets))
-    finally:
-        kernel.threads = None
-    assert torch.equal(by_threads[0], by_threads[1])
-
-
-def test_cross_entropy_refuses_a_target_out_of_range(kernel: native.TanhRecurrenceKernel) -> None:
-    with pytest.raises(IndexError, match=r"outside \[0, 5\)"):
-        CompiledCrossEntropy.apply(kernel, torch.zeros(3, 5), torch.tensor([0, 5, 1]))
 
 
 def test_capability_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

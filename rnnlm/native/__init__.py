@@ -1,5 +1,5 @@
 """The compiled CPU kernel of the chapter's recurrence (``tanh_recurrence.c``), built on first use,
-its matrix product for the model's other products, and the training loss.
+and its matrix product for the model's other products.
 
 The C source needs no torch headers and no BLAS: the system C compiler builds it in well under
 a second, once per source version and instruction set, into ``<cache dir>/native`` (a build
@@ -33,7 +33,6 @@ SOURCE = Path(__file__).with_name("tanh_recurrence.c")
 # -ffp-contract=off: no multiply-add the source does not spell out, so the elementwise steps
 # round as the framework's do, and a row's bits do not depend on where a split puts it.
 CFLAGS = ("-O2", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
-LIBS = ("-lm",)  # after the source: a linker that drops unneeded libraries keeps it
 # Instruction set -> (extra compiler flags, the /proc/cpuinfo flags it needs), widest first.
 ISAS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "avx512": (("-mavx512f", "-mavx512dq", "-DRNNLM_AVX512"), frozenset({"avx512f", "avx512dq"})),
@@ -75,16 +74,6 @@ class TanhRecurrenceKernel:
         strided: list[type[ctypes.c_void_p] | type[ctypes.c_int64]]
         strided = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # a pointer and 2 strides
         library.rnnlm_matmul.argtypes = [*ints, *strided * 2, ctypes.c_void_p, ctypes.c_int]
-        library.rnnlm_cross_entropy.argtypes = [*ints[:2], *ptrs * 4, ctypes.c_int]
-        library.rnnlm_cross_entropy_backward.argtypes = [
-            *ints[:2],
-            *ptrs * 2,
-            ctypes.c_float,
-            *ptrs,
-            ctypes.c_int,
-        ]
-        library.rnnlm_cross_entropy.restype = ctypes.c_int
-        library.rnnlm_cross_entropy_backward.restype = None
         library.tanh_recurrence_forward.restype = ctypes.c_int
         library.tanh_recurrence_backward.restype = ctypes.c_int
         library.rnnlm_matmul.restype = ctypes.c_int
@@ -145,32 +134,6 @@ class TanhRecurrenceKernel:
         )
         _check(status)
         return out
-
-    def cross_entropy(self, logits: Tensor, targets: Tensor, probs: Tensor) -> Tensor:
-        """The mean cross-entropy of ``logits`` (N, C) against ``targets`` (N,) int64, as a
-        0-dim tensor; ``probs`` (N, C) receives the rows' softmax for :meth:`cross_entropy_grad`.
-        """
-        rows, classes = logits.shape
-        _check_shapes((logits, probs), [(rows, classes)] * 2)
-        if targets.dtype != torch.int64 or not targets.is_contiguous() or targets.shape != (rows,):
-            raise ValueError(f"targets must be {rows} contiguous int64 class indices")
-        mean = logits.new_empty(())
-        status = self._lib.rnnlm_cross_entropy(
-            rows, classes, *map(_ptr, (logits, targets, probs, mean)), self._threads()
-        )
-        if status == -2:
-            raise IndexError(f"a target is outside [0, {classes})")
-        _check(status)
-        return mean
-
-    def cross_entropy_grad(self, probs: Tensor, targets: Tensor, upstream: float) -> Tensor:
-        """``(probs - onehot(targets)) * upstream / N``: the gradient of the mean's logits."""
-        rows, classes = probs.shape
-        grad = torch.empty_like(probs)
-        self._lib.rnnlm_cross_entropy_backward(
-            rows, classes, _ptr(probs), _ptr(targets), upstream, _ptr(grad), self._threads()
-        )
-        return grad
 
     def _threads(self) -> int:
         return self.threads or torch.get_num_threads()
@@ -251,7 +214,7 @@ def build(directory: Path, isa: str) -> Path:
     try:
         try:
             done = subprocess.run(
-                [*compiler, *_flags(isa), str(SOURCE), *LIBS, "-o", partial],
+                [*compiler, *_flags(isa), str(SOURCE), "-o", partial],
                 capture_output=True,
                 text=True,
                 timeout=300,
@@ -269,8 +232,7 @@ def build(directory: Path, isa: str) -> Path:
 
 def library_name(isa: str) -> str:
     """One file per version of the source and flags, so an edit never loads a stale build."""
-    flags = " ".join((*_flags(isa), *LIBS)).encode()
-    digest = hashlib.sha256(SOURCE.read_bytes() + flags).hexdigest()
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags(isa)).encode()).hexdigest()
     return f"tanh_recurrence-{isa}-{digest[:16]}.so"
 
 

@@ -11,13 +11,12 @@
  * 0.37-0.42 ms with the AVX-512 build on an AMD EPYC Zen 5 (on a Zen 4: 0.77 ms with the AVX2
  * build, 0.99 ms with MKL's packed products; torch's BLAS takes its AVX2 path on AMD). The
  * elementwise work of a step is one fused pass (which, for the first layer, also looks the
- * inputs up in the embedding table). rnnlm_matmul, further down, runs the language model's
- * other products on the same tiles; rnnlm_cross_entropy, at the end, its training loss.
+ * inputs up in the embedding table). rnnlm_matmul, at the end, runs the language model's other
+ * products on the same tiles.
  * Built by rnnlm/native/__init__.py: x86-64 with AVX2 and FMA, or with -DRNNLM_AVX512 and
  * AVX-512 F/DQ; gcc's OpenMP.
  */
 #include <immintrin.h>
-#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -38,7 +37,6 @@ typedef __m512 vec;
 #define v_mul _mm512_mul_ps
 #define v_div _mm512_div_ps
 #define v_min _mm512_min_ps
-#define v_max _mm512_max_ps
 #define v_fmadd _mm512_fmadd_ps
 #define v_fnmadd _mm512_fnmadd_ps
 #define v_abs _mm512_abs_ps
@@ -64,7 +62,6 @@ typedef __m256 vec;
 #define v_mul _mm256_mul_ps
 #define v_div _mm256_div_ps
 #define v_min _mm256_min_ps
-#define v_max _mm256_max_ps
 #define v_fmadd _mm256_fmadd_ps
 #define v_fnmadd _mm256_fnmadd_ps
 #define v_abs(x) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), (x))
@@ -81,8 +78,7 @@ typedef __m256 vec;
 #define NR (2 * VL) /* columns per packed panel: two vectors */
 #define KC (4096 / NR) /* inner-dimension block of rnnlm_matmul: a 16 KiB panel */
 
-/* exp(x) for x in [-80, 20] (tanh's and softmax's ranges below): Cephes' expf, ~1 ulp; NaN stays
- * NaN. */
+/* exp(x) for x in [0, 20] (tanh's range below): Cephes' expf, ~1 ulp. */
 static inline vec v_exp(vec x) {
     vec n = v_round_nearest(v_mul(x, v_set1(1.44269504088896341f)));
     vec r = v_fnmadd(n, v_set1(0.693359375f), x);
@@ -394,72 +390,4 @@ int rnnlm_matmul(int m, int n, int k_dim, const float *a, int64_t a_row, int64_t
     }
     free(panels);
     return 0;
-}
-
-/* exp(x) for x <= 0 (softmax's range): the exponent is clamped at -80, where exp is 1.8e-35,
- * so that v_exp's exponent arithmetic stays among normal floats; a probability below that is
- * reported as 1.8e-35 instead of something smaller, which no sum or gradient here can see.
- * The clamp is max(-80, x), whose x operand is the one returned when x is NaN: a NaN logit (or
- * inf - inf from an infinite one) makes the row's loss NaN, as in the framework, so the job's
- * non-finite-loss check sees it. */
-static inline vec v_exp_nonpositive(vec x) { return v_exp(v_max(v_set1(-80.0f), x)); }
-
-/* The mean over `rows` rows of logits (rows x classes, row-major) of the cross-entropy against
- * `targets`, into *mean; probs receives each row's softmax for the backward pass. Each row:
- * m = max, s = sum of exp(x - m) in class order (float32), loss = m + log(s) - x[target] (in
- * double); the rows' losses
- * are summed in row order in double, so the result does not depend on `threads`. Returns 0, -1
- * when out of memory, -2 for a target outside [0, classes). */
-int rnnlm_cross_entropy(int rows, int classes, const float *logits, const int64_t *targets,
-                        float *probs, float *mean, int threads) {
-    if (rows <= 0) { /* the mean of nothing, as torch gives it */
-        *mean = NAN;
-        return 0;
-    }
-    for (int r = 0; r < rows; r++)
-        if (targets[r] < 0 || targets[r] >= classes) return -2;
-    double *losses = malloc((size_t)rows * sizeof(double));
-    if (!losses) return -1;
-    if (threads < 1) threads = 1;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (int r = 0; r < rows; r++) {
-        const float *x = logits + (int64_t)r * classes;
-        float *p = probs + (int64_t)r * classes;
-        float top = x[0];
-        for (int j = 1; j < classes; j++) top = x[j] > top ? x[j] : top;
-        int j = 0;
-        for (; j + VL <= classes; j += VL)
-            v_store(p + j, v_exp_nonpositive(v_sub(v_load(x + j), v_set1(top))));
-        if (j < classes) {
-            float buf[VL] = {0};
-            for (int i = j; i < classes; i++) buf[i - j] = x[i] - top;
-            v_store(buf, v_exp_nonpositive(v_load(buf)));
-            for (int i = j; i < classes; i++) p[i] = buf[i - j];
-        }
-        float sum = 0.0f;
-        for (int i = 0; i < classes; i++) sum += p[i];
-        for (int i = 0; i < classes; i++) p[i] /= sum;
-        losses[r] = (double)top + log((double)sum) - (double)x[targets[r]];
-    }
-    double total = 0.0;
-    for (int r = 0; r < rows; r++) total += losses[r];
-    free(losses);
-    *mean = (float)(total / rows);
-    return 0;
-}
-
-/* The gradient of rnnlm_cross_entropy's mean times `upstream`: (softmax - onehot(target)) *
- * (upstream / rows), into grad (rows x classes). */
-void rnnlm_cross_entropy_backward(int rows, int classes, const float *probs,
-                                  const int64_t *targets, float upstream, float *grad,
-                                  int threads) {
-    const float scale = upstream / (float)rows;
-    if (threads < 1) threads = 1;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (int r = 0; r < rows; r++) {
-        const float *p = probs + (int64_t)r * classes;
-        float *g = grad + (int64_t)r * classes;
-        for (int i = 0; i < classes; i++) g[i] = p[i] * scale;
-        g[targets[r]] -= scale;
-    }
 }

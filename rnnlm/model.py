@@ -88,21 +88,21 @@ class RNNLM(nn.Module):
             b_ih = getattr(self.rnn, f"bias_ih_l{layer}")
             w_hh = getattr(self.rnn, f"weight_hh_l{layer}")
             b_hh = getattr(self.rnn, f"bias_hh_l{layer}")
+            lookup: Tensor | None = None  # set: pre is the table; the kernel looks rows up
             if layer == 0:
                 # one_hot(y) @ W_ih^T + b_ih picks row y of W_ih^T and adds b_ih: the same
                 # single rounding as looking the row up in the (V, H) table W_ih^T + b_ih.
-                table = (w_ih.t() + b_ih).contiguous()
-                if self._use_kernel(table, len(y)):  # the kernel looks the rows up itself
-                    y, h_last = CompiledTanhRecurrence.apply(
-                        self.kernel, table, state[layer], w_hh, b_hh, y.contiguous()
-                    )
-                    finals.append(h_last)
-                    continue
-                pre = F.embedding(y, table)  # rows gather fast
+                pre = (w_ih.t() + b_ih).contiguous()
+                if self._use_kernel(pre, len(y)):
+                    lookup = y.contiguous()
+                else:
+                    pre = F.embedding(y, pre)  # rows gather fast
             else:
                 pre = F.linear(y, w_ih, b_ih)
-            if self._use_kernel(pre, len(pre)):
-                y, h_last = CompiledTanhRecurrence.apply(self.kernel, pre, state[layer], w_hh, b_hh)
+            if lookup is not None or self._use_kernel(pre, len(pre)):
+                y, h_last = CompiledTanhRecurrence.apply(
+                    self.kernel, pre, state[layer], w_hh, b_hh, lookup
+                )
             else:
                 y, h_last = TanhRecurrence.apply(pre, state[layer], w_hh, b_hh)
             finals.append(h_last)

@@ -18,7 +18,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from rnnlm.batching import Minibatch
 from rnnlm.distributed import DistInfo, SumOverRanks, all_reduce_sum
@@ -119,12 +118,10 @@ class EagerStep:
         self.autocast = autocast
 
     def __call__(self, x: Tensor, y: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
-        targets = y.T.reshape(-1)  # time-major, matching the logits (T*B,)
         with torch.autocast(
             x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None
         ):
-            logits, state = self.model(x, state)
-            loss = F.cross_entropy(logits.float(), targets)  # mean over this rank's targets
+            loss, state = self.model(x, state, y)  # the mean over this rank's targets
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages gradients over ranks: the mean over the global batch
         norm = clip_gradients(self.params, self.clip)

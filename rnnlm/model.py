@@ -58,18 +58,29 @@ class RNNLM(nn.Module):
         # time step in one call; None runs the framework's operations.
         self.kernel: TanhRecurrenceKernel | None = None
 
-    def forward(self, inputs: Tensor, state: State) -> tuple[Tensor, State]:
-        """``inputs`` (B, T) token ids -> logits (T*B, V) in time-major order, new state."""
+    def forward(
+        self, inputs: Tensor, state: State, targets: Tensor | None = None
+    ) -> tuple[Tensor, State]:
+        """``inputs`` (B, T) token ids -> logits (T*B, V) in time-major order, new state.
+        Given ``targets`` (B, T), the mean cross-entropy of those logits against them takes the
+        logits' place (the training loss: with the compiled kernel, one call computes the
+        output layer, the loss and their gradients)."""
         if self.fast_cpu and inputs.device.type == "cpu" and isinstance(state, Tensor):
             y, state = self._tanh_layers(inputs.T.long(), state)
         else:
             x = F.one_hot(inputs.T.long(), self.config.vocab_size).to(torch.float32)  # (T, B, V)
             y, state = self.rnn(x, state)  # y: (T, B, H)
         flat = y.reshape(-1, y.shape[-1])
-        if self._use_kernel(y, len(y)):
-            linear = self.linear
-            return CompiledLinear.apply(self.kernel, flat, linear.weight, linear.bias), state
-        return self.linear(flat), state
+        linear, compiled = self.linear, self._use_kernel(y, len(y))
+        if targets is None:
+            if compiled:
+                return CompiledLinear.apply(self.kernel, flat, linear.weight, linear.bias), state
+            return linear(flat), state
+        labels = targets.T.reshape(-1).long()  # time-major, as the logits
+        if compiled:
+            args = (self.kernel, flat, linear.weight, linear.bias, labels)
+            return CompiledLinearCrossEntropy.apply(*args), state
+        return F.cross_entropy(linear(flat).float(), labels), state
 
     def _use_kernel(self, values: Tensor, steps: int) -> bool:
         """The compiled kernel runs float32 sequences: one time step per call (text generation)
@@ -211,19 +222,19 @@ class CompiledTanhRecurrence(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         hs, w_hh, ids = ctx.saved_tensors
         outs = hs[1:]
+        hidden = outs.shape[-1]
         dh = hs.new_zeros(outs.shape[1:]) if grad_last is None else grad_last.contiguous().clone()
         dz = torch.empty_like(outs)
         grad = None if grad_out is None else grad_out.contiguous()
-        ctx.kernel.backward(outs, grad, w_hh, dh, dz)
-        need_w, need_b = ctx.needs_input_grad[3:5]
-        grad_w, grad_b = _weight_grads(dz, hs, need_w, need_b, ctx.kernel)
-        grad_pre = dz if ids is None else None
-        if ids is not None and ctx.needs_input_grad[1]:
-            flat = dz.view(-1, dz.shape[-1])
-            grad_pre = flat.new_zeros(ctx.table_rows, flat.shape[1]).index_add_(
-                0, ids.view(-1), flat
-            )
-        return None, grad_pre, dh if ctx.needs_input_grad[2] else None, grad_w, grad_b, None
+        need_pre, need_h0, need_w, need_b = ctx.needs_input_grad[1:5]
+        grad_b = hs.new_empty(hidden) if need_b else None
+        grad_table = None  # the first layer's: dz's rows added up by id, in the same call
+        if ids is not None and need_pre:
+            grad_table = hs.new_empty(ctx.table_rows, hidden)
+        ctx.kernel.backward(outs, grad, w_hh, dh, dz, grad_b, ids, grad_table)
+        grad_w, _ = _weight_grads(dz, hs, need_w, False, ctx.kernel)
+        grad_pre = dz if ids is None else grad_table
+        return None, grad_pre, dh if need_h0 else None, grad_w, grad_b, None
 
 
 class CompiledLinear(torch.autograd.Function):
@@ -251,6 +262,37 @@ class CompiledLinear(torch.autograd.Function):
         # than W's 28 rows (0.10 against 0.17 ms)
         grad_w = kernel.matmul(x.t(), grad).t().contiguous() if need_w else None
         return None, grad_x, grad_w, grad.sum(dim=0) if need_b else None
+
+
+class CompiledLinearCrossEntropy(torch.autograd.Function):
+    """``F.cross_entropy(x @ W^T + b, targets)``, the mean over rows, in ONE kernel call that
+    also computes the gradients (softmax - onehot, then its three products): the framework
+    took ten operations and five autograd nodes for this. The backward pass hands them out,
+    scaled by the incoming gradient (1 for ``loss.backward()``). Matches the framework to
+    round-off; a NaN or infinite logit makes the loss NaN."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        kernel: TanhRecurrenceKernel,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        targets: Tensor,
+    ) -> Tensor:
+        x, weight, bias, targets = (t.contiguous() for t in (x, weight, bias, targets))
+        gradients = any(ctx.needs_input_grad[1:4])
+        mean, ctx.grads = kernel.linear_cross_entropy(x, weight, bias, targets, gradients)
+        return mean
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        grads = ctx.grads
+        if grad.item() != 1.0:
+            grads = tuple(g * grad for g in grads)
+        needs = ctx.needs_input_grad[1:4]
+        return None, *(g if need else None for g, need in zip(grads, needs, strict=True)), None
 
 
 def _weight_grads(

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rnnlm import native
-from rnnlm.model import CompiledLinear, CompiledTanhRecurrence
+from rnnlm.config import ModelConfig
+from rnnlm.model import RNNLM, CompiledLinear, CompiledLinearCrossEntropy, CompiledTanhRecurrence
 from tests.conftest import job_env, read_train_info, run_job
 from tests.test_bad_input import assert_refused
 
@@ -107,16 +108,21 @@ def test_instruction_sets_compute_the_same_bits(tmp_path: Path, hidden: int) -> 
     pre, h0 = torch.randn(steps, batch, hidden), torch.randn(batch, hidden) * 0.5
     w_hh, b_hh = torch.randn(hidden, hidden) * hidden**-0.5, torch.randn(hidden) * 0.1
     grad_out = torch.randn(steps, batch, hidden)
+    head, targets = torch.randn(28, hidden) * hidden**-0.5, torch.randint(0, 28, (steps * batch,))
     results = []
     for isa in ISAS:
         kernel = native.load(tmp_path, isa)
         assert kernel.isa == isa
-        p, h = pre.clone().requires_grad_(True), h0.clone().requires_grad_(True)
-        out, last = CompiledTanhRecurrence.apply(kernel, p, h, w_hh, b_hh)
+        p, h, b = (t.clone().requires_grad_(True) for t in (pre, h0, b_hh))
+        out, last = CompiledTanhRecurrence.apply(kernel, p, h, w_hh, b)
         (out * grad_out).sum().add(last.sum()).backward()
         grad_w = kernel.matmul(grad_out.reshape(-1, hidden).t(), pre.reshape(-1, hidden))
-        results.append((out.detach(), last.detach(), p.grad, h.grad, grad_w))
-    for part, name in enumerate(["outputs", "last state", "d pre", "d h0", "weight grad"]):
+        x, w = (t.clone().requires_grad_(True) for t in (out.detach().reshape(-1, hidden), head))
+        loss = CompiledLinearCrossEntropy.apply(kernel, x, w, torch.zeros(28), targets)
+        loss.backward()
+        results.append((out.detach(), last.detach(), p.grad, h.grad, b.grad, grad_w, loss, x.grad))
+    names = ["outputs", "last state", "d pre", "d h0", "d b_hh", "weight grad", "loss", "d x"]
+    for part, name in enumerate(names):
         assert all(torch.equal(r[part], results[0][part]) for r in results), name
 
 
@@ -203,6 +209,87 @@ def test_output_layer_matches_the_framework(
         assert ours_err <= 2 * framework_err + 1e-7, (name, ours_err, framework_err)
 
 
+@pytest.mark.parametrize("rows, features, classes", [(1120, 256, 28), (70, 37, 5)])
+def test_output_layer_and_loss_in_one_call(
+    kernel: native.TanhRecurrenceKernel, rows: int, features: int, classes: int
+) -> None:
+    """:class:`CompiledLinearCrossEntropy` against ``F.cross_entropy(F.linear(...))``: the loss
+    and the gradients of the input, the weight and the bias, against float64 and torch's
+    float32; the same bits on 3 threads; an upstream gradient other than 1 scales them."""
+    torch.manual_seed(5)
+    x = torch.tanh(torch.randn(rows, features))
+    weight, bias = torch.randn(classes, features) * 2 * features**-0.5, torch.randn(classes)
+    targets = torch.randint(0, classes, (rows,))
+
+    def run(fn: object, dtype: torch.dtype, upstream: float = 1.0) -> list[torch.Tensor]:
+        leaves = [t.to(dtype, copy=True).requires_grad_(True) for t in (x, weight, bias)]
+        loss = fn(*leaves)  # type: ignore[operator]
+        (loss * upstream).backward()
+        return [loss.detach(), *(t.grad for t in leaves)]
+
+    def framework(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w, b), targets)
+
+    def compiled(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return CompiledLinearCrossEntropy.apply(kernel, x, w, b, targets)
+
+    ours = run(compiled, torch.float32)
+    exact = run(framework, torch.float64)
+    names = ["loss", "d x", "d weight", "d bias"]
+    for name, a, b, e in zip(names, ours, run(framework, torch.float32), exact, strict=True):
+        ours_err, framework_err = (a.double() - e).abs().max(), (b.double() - e).abs().max()
+        assert ours_err <= 2 * framework_err + 1e-7, (name, ours_err, framework_err)
+    try:
+        kernel.threads = 3
+        for name, three, one in zip(names, run(compiled, torch.float32), ours, strict=True):
+            assert torch.equal(three, one), name
+    finally:
+        kernel.threads = None
+    scaled = run(compiled, torch.float32, upstream=2.5)
+    for name, a, b in zip(names[1:], scaled[1:], ours[1:], strict=True):
+        assert torch.equal(a, b * 2.5), name
+    with torch.no_grad():  # no gradients asked for: the same loss
+        assert torch.equal(compiled(x, weight, bias), ours[0])
+
+
+def test_output_layer_and_loss_refuse_and_propagate(kernel: native.TanhRecurrenceKernel) -> None:
+    """A target outside the classes raises; a NaN or infinite logit makes the loss NaN, as in
+    the framework (the job's divergence check relies on it)."""
+    x, weight, bias = torch.randn(12, 8), torch.randn(5, 8), torch.zeros(5)
+    targets = torch.randint(0, 5, (12,))
+    with pytest.raises(IndexError, match=r"outside \[0, 5\)"):
+        CompiledLinearCrossEntropy.apply(kernel, x, weight, bias, torch.full((12,), 5))
+    for row, column, value in [(3, 2, float("nan")), (7, 0, float("inf")), (0, 4, -float("inf"))]:
+        bad = x.clone()
+        bad[row] = 0
+        bias_bad = bias.clone()
+        bias_bad[column] = value
+        loss = CompiledLinearCrossEntropy.apply(kernel, bad, weight, bias_bad, targets)
+        expected = torch.nn.functional.cross_entropy(bad @ weight.T + bias_bad, targets)
+        torch.testing.assert_close(loss, expected, equal_nan=True)
+
+
+def test_training_loss_equals_the_logits_loss(kernel: native.TanhRecurrenceKernel) -> None:
+    """``model(x, state, targets)``, the job's training call, computes the cross-entropy of
+    ``model(x, state)``'s logits: the loss and every parameter's gradient, to round-off."""
+    torch.manual_seed(6)
+    model = RNNLM(ModelConfig(28))
+    model.kernel = kernel
+    x, y = torch.randint(0, 28, (8, 35)), torch.randint(0, 28, (8, 35))
+    results = []
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        if fused:
+            loss, _ = model(x, model.begin_state(8), y)
+        else:
+            logits, _ = model(x, model.begin_state(8))
+            loss = torch.nn.functional.cross_entropy(logits, y.T.reshape(-1))
+        loss.backward()
+        results.append([loss.detach(), *(p.grad for p in model.parameters())])
+    for fused, separate in zip(*results, strict=True):
+        torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-7)
+
+
 def test_lookup_inside_the_recurrence(kernel: native.TanhRecurrenceKernel) -> None:
     """Given ids, the kernel looks the first layer's inputs up in the table itself: the same
     bits as looking them up first (``F.embedding``) for the outputs and every other gradient,
@@ -230,12 +317,16 @@ def test_lookup_inside_the_recurrence(kernel: native.TanhRecurrenceKernel) -> No
             torch.testing.assert_close(inside, outside, rtol=1e-5, atol=1e-5)
         else:
             assert torch.equal(inside, outside), name
-    try:  # rows split over 3 threads: the same bits
+    try:  # rows split over 3 threads, the sums' columns too: the same bits
         kernel.threads = 3
-        out3, _ = CompiledTanhRecurrence.apply(kernel, table, h0, w_hh, b_hh, ids)
+        leaves = [t.clone().requires_grad_(True) for t in (table, h0, w_hh, b_hh)]
+        out3, last3 = CompiledTanhRecurrence.apply(kernel, *leaves, ids)
+        (out3 * grad_out).sum().add(last3.sum()).backward()
     finally:
         kernel.threads = None
-    assert torch.equal(out3, results[0][0])
+    threaded = [out3, last3, *(t.grad for t in leaves)]
+    for name, three, one in zip(names, threaded, results[0], strict=True):
+        assert torch.equal(three, one), name
     beyond = ids.clone()
     beyond[3, 4] = vocab
     with pytest.raises(IndexError, match=r"outside \[0, 28\)"):

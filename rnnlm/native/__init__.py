@@ -70,10 +70,18 @@ class TanhRecurrenceKernel:
             *ptrs * 3,
             ctypes.c_int,
         ]
-        library.tanh_recurrence_backward.argtypes = [*ints, *ptrs * 6, ctypes.c_int]
+        library.tanh_recurrence_backward.argtypes = [
+            *ints,
+            *ptrs * 7,  # outs, grad_out, w_hh, dh, dz, scratch, ids
+            ctypes.c_int,  # table rows
+            *ptrs * 2,  # grad_b, grad_table
+            ctypes.c_int,
+        ]
         strided: list[type[ctypes.c_void_p] | type[ctypes.c_int64]]
         strided = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]  # a pointer and 2 strides
         library.rnnlm_matmul.argtypes = [*ints, *strided * 2, ctypes.c_void_p, ctypes.c_int]
+        library.rnnlm_linear_cross_entropy.argtypes = [*ints, *ptrs * 9, ctypes.c_int]
+        library.rnnlm_linear_cross_entropy.restype = ctypes.c_int
         library.tanh_recurrence_forward.restype = ctypes.c_int
         library.tanh_recurrence_backward.restype = ctypes.c_int
         library.rnnlm_matmul.restype = ctypes.c_int
@@ -108,18 +116,48 @@ class TanhRecurrenceKernel:
         _check(status)
 
     def backward(
-        self, outs: Tensor, grad_out: Tensor | None, w_hh: Tensor, dh: Tensor, dz: Tensor
+        self,
+        outs: Tensor,
+        grad_out: Tensor | None,
+        w_hh: Tensor,
+        dh: Tensor,
+        dz: Tensor,
+        grad_b: Tensor | None = None,
+        ids: Tensor | None = None,
+        grad_table: Tensor | None = None,
     ) -> None:
-        """``dz`` (T, B, H) := dL/dpre; ``dh`` (B, H): dL/dh_T in, dL/dh_0 out."""
+        """``dz`` (T, B, H) := dL/dpre; ``dh`` (B, H): dL/dh_T in, dL/dh_0 out. Given, ``grad_b``
+        (H,) := the sum of ``dz``'s rows, and ``grad_table`` (V, H) := ``dz``'s rows added up
+        by ``ids`` (T, B), the first layer's lookups."""
         steps, batch, hidden = outs.shape
         shapes = [(steps, batch, hidden), (hidden, hidden), (batch, hidden), (steps, batch, hidden)]
         _check_shapes((outs, w_hh, dh, dz), shapes)
         if grad_out is not None:
             _check_shapes((grad_out,), shapes[:1])
-        args = (outs, grad_out, w_hh, dh, dz, torch.empty_like(dh))  # the last: scratch
+        if grad_b is not None:
+            _check_shapes((grad_b,), [(hidden,)])
+        table_rows = 0
+        if grad_table is not None:
+            table_rows = grad_table.shape[0]
+            _check_shapes((grad_table,), [(table_rows, hidden)])
+            if ids is None or ids.dtype != torch.int64 or ids.shape != (steps, batch):
+                raise ValueError(f"a table gradient needs int64 ids of shape {(steps, batch)}")
+            if not ids.is_contiguous():
+                raise ValueError("ids must be contiguous")
+        scratch = torch.empty_like(dh)
+        args = (outs, grad_out, w_hh, dh, dz, scratch, ids if grad_table is not None else None)
         status = self._lib.tanh_recurrence_backward(
-            steps, batch, hidden, *map(_ptr, args), self._threads()
+            steps,
+            batch,
+            hidden,
+            *map(_ptr, args),
+            table_rows,
+            _ptr(grad_b),
+            _ptr(grad_table),
+            self._threads(),
         )
+        if status == -2:
+            raise IndexError(f"an id is outside [0, {table_rows})")
         _check(status)
 
     def matmul(self, a: Tensor, b: Tensor) -> Tensor:
@@ -134,6 +172,30 @@ class TanhRecurrenceKernel:
         )
         _check(status)
         return out
+
+    def linear_cross_entropy(
+        self, x: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, gradients: bool
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+        """The mean cross-entropy of the logits ``x @ weight^T + bias`` against ``targets``
+        (N,) int64, and with ``gradients`` its gradients for ``x``, ``weight`` and ``bias``."""
+        (rows, hidden), classes = x.shape, weight.shape[0]
+        _check_shapes((x, weight, bias), [(rows, hidden), (classes, hidden), (classes,)])
+        if targets.dtype != torch.int64 or not targets.is_contiguous() or targets.shape != (rows,):
+            raise ValueError(f"targets must be contiguous int64 of shape {(rows,)}")
+        mean, scratch = x.new_empty(()), x.new_empty(rows, classes)  # alive until the call ends
+        grads = (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias))
+        status = self._lib.rnnlm_linear_cross_entropy(
+            rows,
+            hidden,
+            classes,
+            *map(_ptr, (x, weight, bias, targets, scratch, mean)),
+            *(map(_ptr, grads) if gradients else (None,) * 3),
+            self._threads(),
+        )
+        if status == -2:
+            raise IndexError(f"a target is outside [0, {classes})")
+        _check(status)
+        return mean, grads if gradients else None
 
     def _threads(self) -> int:
         return self.threads or torch.get_num_threads()

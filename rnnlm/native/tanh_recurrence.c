@@ -11,12 +11,15 @@
  * 0.37-0.42 ms with the AVX-512 build on an AMD EPYC Zen 5 (on a Zen 4: 0.77 ms with the AVX2
  * build, 0.99 ms with MKL's packed products; torch's BLAS takes its AVX2 path on AMD). The
  * elementwise work of a step is one fused pass (which, for the first layer, also looks the
- * inputs up in the embedding table). rnnlm_matmul, at the end, runs the language model's other
- * products on the same tiles.
+ * inputs up in the embedding table). rnnlm_matmul, further down, runs the language model's
+ * other products on the same tiles; rnnlm_linear_cross_entropy, at the end, its output layer and
+ * training loss with their gradients, in one call.
  * Built by rnnlm/native/__init__.py: x86-64 with AVX2 and FMA, or with -DRNNLM_AVX512 and
  * AVX-512 F/DQ; gcc's OpenMP.
  */
 #include <immintrin.h>
+#include <math.h>
+#include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -37,6 +40,7 @@ typedef __m512 vec;
 #define v_mul _mm512_mul_ps
 #define v_div _mm512_div_ps
 #define v_min _mm512_min_ps
+#define v_max _mm512_max_ps
 #define v_fmadd _mm512_fmadd_ps
 #define v_fnmadd _mm512_fnmadd_ps
 #define v_abs _mm512_abs_ps
@@ -62,6 +66,7 @@ typedef __m256 vec;
 #define v_mul _mm256_mul_ps
 #define v_div _mm256_div_ps
 #define v_min _mm256_min_ps
+#define v_max _mm256_max_ps
 #define v_fmadd _mm256_fmadd_ps
 #define v_fnmadd _mm256_fnmadd_ps
 #define v_abs(x) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), (x))
@@ -78,7 +83,8 @@ typedef __m256 vec;
 #define NR (2 * VL) /* columns per packed panel: two vectors */
 #define KC (4096 / NR) /* inner-dimension block of rnnlm_matmul: a 16 KiB panel */
 
-/* exp(x) for x in [0, 20] (tanh's range below): Cephes' expf, ~1 ulp. */
+/* exp(x) for x in [-80, 20] (the ranges of tanh and of the softmax below): Cephes' expf,
+ * ~1 ulp; NaN stays NaN. */
 static inline vec v_exp(vec x) {
     vec n = v_round_nearest(v_mul(x, v_set1(1.44269504088896341f)));
     vec r = v_fnmadd(n, v_set1(0.693359375f), x);
@@ -136,6 +142,11 @@ static void bias_add_tanh(float *out, const float *pre, const int64_t *ids, cons
  * columns [p * NR, p * NR + NR) as k_dim rows of NR floats in dst, columns past n zero. */
 static void pack_panel(const float *b, int64_t b_k, int64_t b_j, int k_dim, int n, int p,
                        float *dst) {
+    if (b_j == 1 && (p + 1) * NR <= n) { /* whole rows of NR floats: copied, not gathered */
+        for (int k = 0; k < k_dim; k++)
+            memcpy(dst + (int64_t)k * NR, b + k * b_k + p * NR, NR * sizeof(float));
+        return;
+    }
     for (int k = 0; k < k_dim; k++)
         for (int c = 0; c < NR; c++) {
             int j = p * NR + c;
@@ -338,17 +349,56 @@ int tanh_recurrence_forward(int steps, int batch, int hidden, const float *pre,
     return run_split(forward_rows, job, w_hh, 1, batch, threads);
 }
 
+/* Sums over the rows of dz (rows x hidden), row by row in order: grad_b (hidden), when given,
+ * := the column sums; grad_table (table_rows x hidden), when given, := the rows of dz added up
+ * by ids (the gradient of a lookup). Threads take ranges of columns, so no sum depends on them;
+ * the framework's sum and index_add took 0.1 ms here for 1,120 x 256 (Zen 3). */
+static void column_sums(int64_t rows, int hidden, const float *dz, const int64_t *ids,
+                        int table_rows, float *grad_b, float *grad_table, int threads) {
+    const int chunks = (hidden + VL - 1) / VL;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int chunk = 0; chunk < chunks; chunk++) {
+        const int first = chunk * VL, width = hidden - first < VL ? hidden - first : VL;
+        if (grad_b) memset(grad_b + first, 0, width * sizeof(float));
+        for (int t = 0; grad_table && t < table_rows; t++)
+            memset(grad_table + (int64_t)t * hidden + first, 0, width * sizeof(float));
+        for (int64_t r = 0; r < rows; r++) {
+            const float *d = dz + r * hidden + first;
+            float *into[2] = {grad_b ? grad_b + first : NULL,
+                              grad_table ? grad_table + ids[r] * hidden + first : NULL};
+            for (int s = 0; s < 2; s++) {
+                if (!into[s]) continue;
+                if (width == VL) {
+                    v_store(into[s], v_add(v_load(into[s]), v_load(d)));
+                } else {
+                    for (int i = 0; i < width; i++) into[s][i] += d[i];
+                }
+            }
+        }
+    }
+}
+
 /* Backward through time. outs = hs[1..steps]; grad_out: (steps, batch, hidden) or NULL.
  * dh: (batch, hidden), dL/dh_T on entry (zeros when absent), dL/dh_0 on exit; scratch is as
  * large. dz: (steps, batch, hidden) receives dL/dpre_t, the gradient of every step's input.
- * Returns 0, or -1 when out of memory. */
+ * grad_b (hidden), when given, receives dL/db_hh, the sum of dz; grad_table (table_rows x
+ * hidden), when given, the gradient of the first layer's table: dz's rows added up by ids
+ * (steps, batch), the ids the forward pass looked up. Returns 0, -1 when out of memory, -2
+ * for an id outside [0, table_rows). */
 int tanh_recurrence_backward(int steps, int batch, int hidden, const float *outs,
                              const float *grad_out, const float *w_hh, float *dh, float *dz,
-                             float *scratch, int threads) {
+                             float *scratch, const int64_t *ids, int table_rows, float *grad_b,
+                             float *grad_table, int threads) {
+    for (int64_t i = 0; grad_table && ids && i < (int64_t)steps * batch; i++)
+        if (ids[i] < 0 || ids[i] >= table_rows) return -2;
     struct rows_job job = {.steps = steps, .hidden = hidden, .block = (int64_t)batch * hidden,
                            .outs = outs, .grad_out = grad_out, .dh = dh, .dz = dz,
                            .scratch = scratch};
-    return run_split(backward_rows, job, w_hh, 0, batch, threads);
+    int status = run_split(backward_rows, job, w_hh, 0, batch, threads);
+    if (status == 0 && (grad_b || (grad_table && ids)))
+        column_sums((int64_t)steps * batch, hidden, dz, ids, table_rows, grad_b,
+                    ids ? grad_table : NULL, threads < 1 ? 1 : threads);
+    return status;
 }
 
 /* c (m x n, row-major) = A @ B for A(i, k) = a[i * a_row + k * a_k] and
@@ -390,4 +440,130 @@ int rnnlm_matmul(int m, int n, int k_dim, const float *a, int64_t a_row, int64_t
     }
     free(panels);
     return 0;
+}
+
+/* exp(x) for x <= 0 (the softmax's range): clamped at -80, where exp is 1.8e-35, so v_exp's
+ * exponent arithmetic stays among normal floats; no sum or gradient here can see the difference.
+ * max(-80, x) returns its x operand when x is NaN: a NaN logit (or inf - inf from an infinite
+ * one) makes the row's loss NaN, as in the framework, so the job's non-finite check sees it. */
+static inline vec v_exp_nonpositive(vec x) { return v_exp(v_max(v_set1(-80.0f), x)); }
+
+/* One row of logits x (classes wide, the bias already added): its cross-entropy against
+ * `target` (returned, in double), and, with `grad` given (which may be x), d(loss * scale)/dx
+ * into it: (softmax - onehot(target)) * scale, softmax as exp(x - max) / sum. `e` is scratch of
+ * `classes` rounded up to whole vectors; its padding, -inf, adds exp(-80) to the sum, which no
+ * float sum of at least 1 (the max's own term) can see. */
+static double row_cross_entropy(const float *x, int classes, int64_t target, float scale,
+                                float *grad, float *e) {
+    const int padded = (classes + VL - 1) / VL * VL;
+    memcpy(e, x, classes * sizeof(float));
+    for (int i = classes; i < padded; i++) e[i] = -INFINITY;
+    float lanes[VL];
+    vec top_v = v_load(e);
+    for (int j = VL; j < padded; j += VL) top_v = v_max(top_v, v_load(e + j));
+    v_store(lanes, top_v);
+    float top = lanes[0];
+    for (int i = 1; i < VL; i++) top = lanes[i] > top ? lanes[i] : top;
+    vec sum_v = v_zero();
+    for (int j = 0; j < padded; j += VL) {
+        vec ev = v_exp_nonpositive(v_sub(v_load(e + j), v_set1(top)));
+        v_store(e + j, ev);
+        sum_v = v_add(sum_v, ev);
+    }
+    v_store(lanes, sum_v);
+    float sum = 0.0f;
+    for (int i = 0; i < VL; i++) sum += lanes[i];
+    const double loss = (double)top + log((double)sum) - (double)x[target];
+    if (grad) { /* after the loss has read x[target] */
+        const vec factor = v_set1(scale / sum);
+        int j = 0;
+        for (; j + VL <= classes; j += VL) v_store(grad + j, v_mul(v_load(e + j), factor));
+        if (j < classes) {
+            v_store(lanes, v_mul(v_load(e + j), factor));
+            memcpy(grad + j, lanes, (classes - j) * sizeof(float));
+        }
+        grad[target] -= scale;
+    }
+    return loss;
+}
+
+/* The output layer and the training loss of `rows` rows, in one call: logits = x W^T + b
+ * (x: rows x hidden, w: classes x hidden, row-major), and the mean cross-entropy against
+ * `targets` into *mean. With grad_x given, also the gradients of that mean: dlogits =
+ * (softmax - onehot) / rows (into `logits`, which is scratch: rows x classes), grad_x =
+ * dlogits W (rows x hidden), grad_w = dlogits^T x (classes x hidden), grad_b = the column sums
+ * of dlogits in row order. The rows are shared out in blocks, everything of a row computed where
+ * the row is; the row losses are summed in row order in double; so no result depends on
+ * `threads`. The layer's products are the tiles' (the bias added to the finished product, as
+ * nn.Linear does). Returns 0, -1 when out of memory, -2 for a target outside [0, classes). */
+int rnnlm_linear_cross_entropy(int rows, int hidden, int classes, const float *x,
+                               const float *w, const float *b, const int64_t *targets,
+                               float *logits, float *mean, float *grad_x, float *grad_w,
+                               float *grad_b, int threads) {
+    enum { ROW_BLOCK = 8 * MR };
+    if (rows <= 0 || classes <= 0) { /* the mean of nothing, as the framework gives it */
+        *mean = NAN;
+        return 0;
+    }
+    for (int r = 0; r < rows; r++)
+        if (targets[r] < 0 || targets[r] >= classes) return -2;
+    const int logit_panels = (classes + NR - 1) / NR, input_panels = (hidden + NR - 1) / NR;
+    const int blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
+    const int64_t wt_floats = (int64_t)logit_panels * hidden * NR;
+    const int64_t w_floats = grad_x ? (int64_t)input_panels * classes * NR : 0;
+    if (threads < 1) threads = 1;
+    float *panels = aligned_alloc(64, (wt_floats + w_floats) * sizeof(float));
+    double *losses = malloc((size_t)rows * sizeof(double));
+    const int padded = (classes + VL - 1) / VL * VL;
+    float *exps = malloc((size_t)threads * padded * sizeof(float));
+    int status = panels && losses && exps ? 0 : -1;
+    if (status == 0) {
+        const float scale = 1.0f / (float)rows;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+        {
+            float *e = exps + (int64_t)omp_get_thread_num() * padded; /* softmax numerators */
+#pragma omp for schedule(static)
+            for (int p = 0; p < logit_panels; p++) /* W^T: hidden x classes */
+                pack_panel(w, 1, hidden, hidden, classes, p, panels + p * (int64_t)hidden * NR);
+#pragma omp for schedule(static)
+            for (int p = 0; p < (grad_x ? input_panels : 0); p++) /* W: classes x hidden */
+                pack_panel(w, hidden, 1, classes, hidden, p,
+                           panels + wt_floats + p * (int64_t)classes * NR);
+#pragma omp for schedule(static)
+            for (int block = 0; block < blocks; block++) {
+                const int first = block * ROW_BLOCK;
+                const int n = rows - first < ROW_BLOCK ? rows - first : ROW_BLOCK;
+                const float *xb = x + (int64_t)first * hidden;
+                float *lb = logits + (int64_t)first * classes;
+                for (int p = 0; p < logit_panels; p++)
+                    matmul_panel(xb, hidden, 1, n, hidden, panels + p * (int64_t)hidden * NR,
+                                 p, classes, lb, 0);
+                for (int r = 0; r < n; r++) {
+                    float *row = lb + (int64_t)r * classes;
+                    for (int i = 0; i < classes; i++) row[i] += b[i];
+                    losses[first + r] = row_cross_entropy(row, classes, targets[first + r],
+                                                          scale, grad_x ? row : NULL, e);
+                }
+                if (grad_x)
+                    for (int p = 0; p < input_panels; p++)
+                        matmul_panel(lb, classes, 1, n, classes,
+                                     panels + wt_floats + p * (int64_t)classes * NR, p, hidden,
+                                     grad_x + (int64_t)first * hidden, 0);
+            }
+        }
+        double total = 0.0;
+        for (int r = 0; r < rows; r++) total += losses[r];
+        *mean = (float)(total / rows);
+        if (grad_x) {
+            for (int i = 0; i < classes; i++) grad_b[i] = 0.0f;
+            for (int r = 0; r < rows; r++)
+                for (int i = 0; i < classes; i++) grad_b[i] += logits[(int64_t)r * classes + i];
+            status = rnnlm_matmul(classes, hidden, rows, logits, 1, classes, x, hidden, 1,
+                                  grad_w, threads);
+        }
+    }
+    free(panels);
+    free(losses);
+    free(exps);
+    return status;
 }

@@ -116,6 +116,7 @@ class EagerStep:
         self.model, self.optimizer, self.clip = model, optimizer, clip
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.autocast = autocast
+        self.module = module
 
     def __call__(self, x: Tensor, y: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
         with torch.autocast(
@@ -124,9 +125,19 @@ class EagerStep:
             loss, state = self.model(x, state, y)  # the mean over this rank's targets
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages gradients over ranks: the mean over the global batch
+        return loss.detach(), self._clip_and_step(), state
+
+    def _clip_and_step(self) -> Tensor:
+        """Clip, then step; the compiled kernel does both in one call where it can (the
+        framework's way took ~15 operations); returns the norm before clipping."""
+        kernel = self.module.kernel
+        if kernel is not None and isinstance(self.optimizer, SGD):
+            norm = kernel.clip_sgd(self.params, self.clip, self.optimizer.param_groups[0]["lr"])
+            if norm is not None:
+                return norm
         norm = clip_gradients(self.params, self.clip)
         self.optimizer.step()
-        return loss.detach(), norm, state
+        return norm
 
 
 class GraphedStep:

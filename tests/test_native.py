@@ -10,6 +10,7 @@ import torch
 
 from rnnlm import native
 from rnnlm.config import ModelConfig
+from rnnlm.loop import SGD, clip_gradients
 from rnnlm.model import RNNLM, CompiledLinear, CompiledLinearCrossEntropy, CompiledTanhRecurrence
 from tests.conftest import job_env, read_train_info, run_job
 from tests.test_bad_input import assert_refused
@@ -120,8 +121,14 @@ def test_instruction_sets_compute_the_same_bits(tmp_path: Path, hidden: int) -> 
         x, w = (t.clone().requires_grad_(True) for t in (out.detach().reshape(-1, hidden), head))
         loss = CompiledLinearCrossEntropy.apply(kernel, x, w, torch.zeros(28), targets)
         loss.backward()
-        results.append((out.detach(), last.detach(), p.grad, h.grad, b.grad, grad_w, loss, x.grad))
+        stepped = [t.detach().clone().requires_grad_(True) for t in (w, x)]
+        for leaf, grad in zip(stepped, (w.grad, x.grad), strict=True):
+            leaf.grad = grad.clone()
+        norm = kernel.clip_sgd(stepped, 0.5, lr=1.0)
+        recurrence = [out.detach(), last.detach(), p.grad, h.grad, b.grad, grad_w]
+        results.append([*recurrence, loss, x.grad, norm, *(t.detach() for t in stepped)])
     names = ["outputs", "last state", "d pre", "d h0", "d b_hh", "weight grad", "loss", "d x"]
+    names += ["norm", "stepped w", "stepped x"]
     for part, name in enumerate(names):
         assert all(torch.equal(r[part], results[0][part]) for r in results), name
 
@@ -288,6 +295,46 @@ def test_training_loss_equals_the_logits_loss(kernel: native.TanhRecurrenceKerne
         results.append([loss.detach(), *(p.grad for p in model.parameters())])
     for fused, separate in zip(*results, strict=True):
         torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 1e6])  # clipping at work, and not
+def test_clipping_and_sgd_in_one_call(kernel: native.TanhRecurrenceKernel, max_norm: float) -> None:
+    """``clip_sgd`` against the framework's way (``clip_gradients``, then ``SGD.step``): the
+    norm, the clipped gradients and the new parameters, to round-off; autograd sees the
+    parameters change; a gradient it cannot take leaves everything as it was."""
+    torch.manual_seed(8)
+    shapes = [(28, 256), (256, 256), (256,), (256,), (28, 256), (28,), (3,)]
+    params = [torch.randn(shape) for shape in shapes]
+    grads = [torch.randn(shape) * 0.3 for shape in shapes]
+
+    def leaves() -> list[torch.Tensor]:
+        out = []
+        for p, g in zip(params, grads, strict=True):
+            leaf = p.clone().requires_grad_(True)
+            leaf.grad = g.clone()
+            out.append(leaf)
+        return out
+
+    ours, theirs = leaves(), leaves()
+    versions = [p._version for p in ours]
+    norm = kernel.clip_sgd(ours, max_norm, lr=0.5)
+    expected = clip_gradients(theirs, max_norm)
+    SGD(theirs, lr=0.5).step()
+    assert norm is not None
+    torch.testing.assert_close(norm, expected)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+        torch.testing.assert_close(a.detach(), b.detach())
+    assert all(p._version > v for p, v in zip(ours, versions, strict=True))
+    poisoned = leaves()  # a NaN gradient spreads to every parameter, as with the framework
+    poisoned[2].grad[0] = float("nan")
+    assert kernel.clip_sgd(poisoned, max_norm, lr=0.5).isnan()  # type: ignore[union-attr]
+    assert all(p.isnan().all() for p in poisoned)
+    strided = leaves()
+    strided[1].grad = strided[1].grad.t()
+    before = [p.detach().clone() for p in strided]
+    assert kernel.clip_sgd(strided, max_norm, lr=0.5) is None
+    assert all(torch.equal(p.detach(), b) for p, b in zip(strided, before, strict=True))
 
 
 def test_lookup_inside_the_recurrence(kernel: native.TanhRecurrenceKernel) -> None:

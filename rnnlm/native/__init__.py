@@ -24,10 +24,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 SOURCE = Path(__file__).with_name("tanh_recurrence.c")
 # -ffp-contract=off: no multiply-add the source does not spell out, so the elementwise steps
@@ -82,6 +84,8 @@ class TanhRecurrenceKernel:
         library.rnnlm_matmul.argtypes = [*ints, *strided * 2, ctypes.c_void_p, ctypes.c_int]
         library.rnnlm_linear_cross_entropy.argtypes = [*ints, *ptrs * 9, ctypes.c_int]
         library.rnnlm_linear_cross_entropy.restype = ctypes.c_int
+        library.rnnlm_clip_sgd.argtypes = [ctypes.c_int, *ptrs * 4, ctypes.c_float, ctypes.c_float]
+        library.rnnlm_clip_sgd.restype = None
         library.tanh_recurrence_forward.restype = ctypes.c_int
         library.tanh_recurrence_backward.restype = ctypes.c_int
         library.rnnlm_matmul.restype = ctypes.c_int
@@ -196,6 +200,33 @@ class TanhRecurrenceKernel:
             raise IndexError(f"a target is outside [0, {classes})")
         _check(status)
         return mean, grads if gradients else None
+
+    def clip_sgd(self, params: Sequence[Tensor], max_norm: float, lr: float) -> Tensor | None:
+        """d2l's gradient clipping (to the global L2 norm ``max_norm``), then the SGD step
+        ``p -= lr * grad``, in one call; returns the norm before clipping (a 0-dim tensor).
+        None, with nothing changed, unless every parameter and its gradient are contiguous
+        float32 CPU tensors of the same size (the caller then takes the framework's way)."""
+        pairs = [(p, p.grad) for p in params if p.grad is not None]
+        for p, g in pairs:
+            ok = p.dtype == g.dtype == torch.float32 and p.device.type == g.device.type == "cpu"
+            if not (ok and p.is_contiguous() and g.is_contiguous() and p.shape == g.shape):
+                return None
+        count = len(pairs)
+        pointers = ctypes.c_void_p * count
+        norm = torch.empty(())
+        self._lib.rnnlm_clip_sgd(
+            count,
+            pointers(*(p.data_ptr() for p, _ in pairs)),
+            pointers(*(g.data_ptr() for _, g in pairs)),
+            (ctypes.c_int64 * count)(*(p.numel() for p, _ in pairs)),
+            _ptr(norm),
+            max_norm,
+            lr,
+        )
+        for p, g in pairs:  # written in place behind autograd's back: say so, as add_ would
+            increment_version(p)
+            increment_version(g)
+        return norm
 
     def _threads(self) -> int:
         return self.threads or torch.get_num_threads()

@@ -567,3 +567,48 @@ int rnnlm_linear_cross_entropy(int rows, int hidden, int classes, const float *x
     free(exps);
     return status;
 }
+
+/* d2l's gradient clipping and the SGD step, in one pass over `count` parameters: norm = the L2
+ * norm of all gradients together, scale = max_norm / norm clamped at 1 (NaN stays NaN, as in the
+ * framework's clamp); then every gradient g *= scale and its parameter p -= lr * g. The norm
+ * before clipping goes to *norm_out. The squares are summed in double, in 16 lanes (element i
+ * into lane i % 16) added up in a fixed order, the same in both builds. The framework took ~15
+ * operations for this: 0.3 ms of a 6 ms step (Zen 3). */
+void rnnlm_clip_sgd(int count, float *const *params, float *const *grads, const int64_t *sizes,
+                    float *norm_out, float max_norm, float lr) {
+    __m256d lanes[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(),
+                        _mm256_setzero_pd()};
+    double tail = 0.0;
+    for (int t = 0; t < count; t++) {
+        const float *g = grads[t];
+        int64_t i = 0;
+        for (; i + 16 <= sizes[t]; i += 16)
+            for (int q = 0; q < 4; q++) {
+                __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(g + i + 4 * q));
+                lanes[q] = _mm256_add_pd(lanes[q], _mm256_mul_pd(v, v));
+            }
+        for (; i < sizes[t]; i++) tail += (double)g[i] * g[i];
+    }
+    double sums[16];
+    for (int q = 0; q < 4; q++) _mm256_storeu_pd(sums + 4 * q, lanes[q]);
+    double squares = tail;
+    for (int q = 0; q < 16; q++) squares += sums[q];
+    const float norm = (float)sqrt(squares);
+    float scale = max_norm / norm;
+    if (scale > 1.0f) scale = 1.0f;
+    const vec scale_v = v_set1(scale), lr_v = v_set1(lr);
+    for (int t = 0; t < count; t++) {
+        float *p = params[t], *g = grads[t];
+        int64_t i = 0;
+        for (; i + VL <= sizes[t]; i += VL) {
+            vec gv = v_mul(v_load(g + i), scale_v);
+            v_store(g + i, gv);
+            v_store(p + i, v_sub(v_load(p + i), v_mul(lr_v, gv)));
+        }
+        for (; i < sizes[t]; i++) {
+            g[i] *= scale;
+            p[i] -= lr * g[i];
+        }
+    }
+    *norm_out = norm;
+}

@@ -330,6 +330,22 @@ def job_configs(corpus: Path, epochs: int, help_text: str) -> tuple[list[Config]
                 job_result,
             )
         )
+    # Each compared pair runs back to back (run_repetitions also reverses the order every other
+    # repetition): on a machine whose speed drifts within minutes, a pair minutes apart measured
+    # the drift as much as the difference.
+    order = [
+        "chapter",
+        "ours_1proc",
+        "ours_1proc_tracking",
+        "ours_1proc_torch_ops",
+        "ours_1proc_avx2",
+        "chapter_1thread",
+        "ours_1proc_1thread",
+        "ours_2ranks",
+        "ours_2ranks_gloo",
+        "ours_2ranks_torch_ops",
+    ]
+    configs.sort(key=lambda config: order.index(config.name))
     return configs, notes
 
 
@@ -380,9 +396,11 @@ def run_repetitions(
     timeout: float,
     show: Callable[[Run], str] = lambda run: f"{run.tokens_per_s or 0:,.0f} tokens/s",
 ) -> None:
-    """Run every configuration ``reps`` times, interleaved, into ``config.runs``."""
+    """Run every configuration ``reps`` times, interleaved, into ``config.runs``: in the given
+    order, then in reverse, and so on, so that a drift of the machine's speed during the run
+    weighs on both sides of each pair of neighbours alike."""
     for rep in range(reps):
-        for config in configs:
+        for config in configs if rep % 2 == 0 else configs[::-1]:
             run = measure(config, scratch, timeout)
             config.runs.append(run)
             shown = show(run) if run.ok else "FAILED"

@@ -9,8 +9,10 @@ are one large matrix product instead of one small product per time step. The par
 still those of ``nn.RNN``, so the state_dict is unchanged. Where the job loads it, the compiled
 kernel (:mod:`rnnlm.native`, :class:`CompiledTanhRecurrence`) runs that recurrence instead, one
 call per sequence and direction (looking the first layer's inputs up itself), and the matrix
-products of the weight gradients and of the output layer (:class:`CompiledLinear`). On CUDA,
-and for GRU/LSTM, the framework's layer (cuDNN on a GPU) runs as in the chapter.
+products of the weight gradients and of the output layer (:class:`CompiledLinear`); given the
+targets, the output layer, the loss and their gradients are one call
+(:class:`CompiledLinearCrossEntropy`). On CUDA, and for GRU/LSTM, the framework's layer (cuDNN
+on a GPU) runs as in the chapter.
 
 Shape legend: ``B`` batch rows, ``T`` time steps, ``V`` vocabulary size, ``H`` hidden units,
 ``L`` layers.

@@ -70,6 +70,7 @@ class Run:
     tokens_per_s: float | None = None
     peak_rss_mb: float | None = None
     final_perplexity: float | None = None
+    background_cpu_share: float | None = None  # background threads' CPU / training seconds
     error: str | None = None
 
 
@@ -192,6 +193,8 @@ def measure(config: Config, scratch: Path, timeout: float) -> Run:
         return Run(ok=False, wall_s=wall, peak_rss_mb=rss, error=f"{why}: {tail}")
     info = json.loads(config.result_file(work).read_text())
     seconds, tokens = info["seconds_by_epoch"][1:], info["tokens_by_epoch"][1:]
+    background = info.get("background_cpu_s")  # the job's; the chapter's loop has none
+    share = background / sum(seconds) if seconds and background is not None else None
     shutil.rmtree(work, ignore_errors=True)
     return Run(
         ok=True,
@@ -200,6 +203,7 @@ def measure(config: Config, scratch: Path, timeout: float) -> Run:
         tokens_per_s=sum(tokens) / sum(seconds) if seconds else None,
         peak_rss_mb=rss,
         final_perplexity=info["perplexity_by_epoch"][-1],
+        background_cpu_share=share,
     )
 
 
@@ -438,6 +442,9 @@ def report_configs(configs: list[Config]) -> dict[str, Any]:
             "peak_rss_mb": summary([r.peak_rss_mb for r in ok if r.peak_rss_mb]),
             "failures": [r.error for r in config.runs if not r.ok],
         }
+        shares = [r.background_cpu_share for r in ok if r.background_cpu_share is not None]
+        if shares:
+            entry["background_cpu_share"] = summary(shares)
         versus = ratios(rates_of(config), base_rates)
         if versus:
             entry["ratio_vs_chapter_of_medians"], entry["ratio_vs_chapter_paired"] = versus
@@ -465,6 +472,14 @@ def report_configs(configs: list[Config]) -> dict[str, Any]:
     if compared := versus("ours_1proc_tracking", "ours_1proc"):
         scaling["tracking_slowdown"] = 1 - compared[0]
         scaling["tracking_slowdown_paired"] = 1 - compared[1]["median"]
+        # Drift-free: the CPU tracking's threads took while training, as a share of the
+        # training time (on minus off); the most tracking can have slowed training by.
+        on, off = (
+            [r.background_cpu_share for r in by_name[name].runs if r.ok]
+            for name in ("ours_1proc_tracking", "ours_1proc")
+        )
+        if all(x is not None for x in on + off) and on and off:
+            scaling["tracking_cpu_share"] = statistics.median(on) - statistics.median(off)
     out["_derived"] = scaling
     return out
 
@@ -494,6 +509,9 @@ def time_to_result(
             and all(p <= CHAPTER_PERPLEXITY for p in perplexities),
             "failures": [r.error for r in config.runs if not r.ok],
         }
+        shares = [r.background_cpu_share for r in ok if r.background_cpu_share is not None]
+        if shares:
+            entry["background_cpu_share"] = summary(shares)
         # A speed-up: the chapter's seconds over ours.
         versus = ratios(base_walls, [r.wall_s if r.ok else None for r in config.runs])
         if versus:

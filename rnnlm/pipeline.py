@@ -29,7 +29,7 @@ from rnnlm.generate import generate
 from rnnlm.loop import SGD, EagerStep, EpochStats, GraphedStep, Optimizer, Step, train_epoch
 from rnnlm.model import RNNLM
 from rnnlm.resume import Checkpointer, History, Preempted, Resumed, StopFlag
-from rnnlm.tracking import NullTracker, Tracker, standard_tags
+from rnnlm.tracking import NullTracker, Tracker, background_cpu_s, standard_tags
 from rnnlm.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -307,6 +307,7 @@ def _train(
             tracker.log_sample(epoch, prefix, text)
             progress.write(f"epoch {epoch}: {text}")
 
+    background_cpu = [0.0, 0.0]  # after this process's first epoch, after its last
     try:
         for epoch in range(first_epoch, config.epochs + 1):
             epoch_rng = rng.getstate()  # what a mid-epoch checkpoint needs to redo the layout
@@ -334,6 +335,7 @@ def _train(
                 sum_over_ranks=sum_over_ranks,
             )
             history.epochs.append(stats)
+            background_cpu[epoch > first_epoch] = background_cpu_s()
             extra: dict[str, float] = {}
             if val_batches:
                 history.val_perplexity.append(evaluate(module, val_batches, info, sum_over_ranks))
@@ -375,6 +377,9 @@ def _train(
                 "seconds_by_epoch": [s.seconds for s in history.epochs],
                 "tokens_by_epoch": [s.num_tokens for s in history.epochs],
                 "first_step_time": history.epochs[0].started_at,  # time.time() seconds
+                # CPU of the background (tracking) threads from the end of the first epoch to
+                # the end of the last: bounds what tracking took from the later epochs
+                "background_cpu_s": max(0.0, background_cpu[1] - background_cpu[0]),
                 "mlflow_run_id": tracker.run_id,
             },
         )

@@ -44,6 +44,27 @@ METRICS_EVERY_S = 1.0
 MAX_METRICS_PER_CALL = 1000  # MLflow's limit for one log_batch
 
 
+def background_cpu_s() -> float:
+    """CPU seconds used so far by every Python thread of this process but the main one: in a
+    training process, tracking's (the sender, MLflow's system-metrics monitor and its other
+    helpers). What a drift-free comparison of tracking on and off can rest on: on a machine whose
+    speed drifts by more than tracking costs, timing the two runs cannot tell them apart, but
+    this CPU is all tracking can take from training, the GIL included. 0 where /proc is missing.
+    """
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0
+    for thread in threading.enumerate():
+        if thread is threading.main_thread() or thread.native_id is None:
+            continue
+        try:
+            stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
+        except OSError:  # not Linux, or the thread just ended
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after the name, which may hold spaces
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 class Tracker(Protocol):
     run_id: str | None
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from mlflow import MlflowClient
 
 from rnnlm.artifacts import read_model_dir
 from rnnlm.generate import generate
+from rnnlm.tracking import background_cpu_s
 from tests.conftest import ROOT, free_port, job_env, read_train_info, run_job
 from tests.mlflow_server import mlflow_server, start_server, stop_server
 
@@ -41,6 +43,7 @@ def check_run(client: MlflowClient, out: Path) -> str:
     assert run.info.status == "FINISHED"
     info = read_train_info(out)
     assert info["mlflow_run_id"] == run.info.run_id
+    assert 0 <= info["background_cpu_s"] < sum(info["seconds_by_epoch"][1:]) + 5
     assert run.data.params["num_hiddens"] == "64" and run.data.params["epochs"] == str(EPOCHS)
     assert set(info["config"]) <= set(run.data.params)  # every config value
     tags = run.data.tags
@@ -98,6 +101,35 @@ def test_two_rank_job_logs_one_complete_run_to_a_server(server: str, trained: Pa
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
         run.data.metrics
     )
+
+
+def test_background_cpu_counts_other_threads_only() -> None:
+    """What the job reports as tracking's CPU: every thread's but the main one's."""
+    before = background_cpu_s()
+    deadline = time.thread_time() + 0.3
+    while time.thread_time() < deadline:  # the main thread's own CPU: not counted
+        pass
+    assert background_cpu_s() - before < 0.1
+
+    def spin() -> None:
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+        finished.wait()  # alive while measured: an ended thread's CPU leaves the sum
+
+    finished = threading.Event()
+    worker = threading.Thread(target=spin)
+    worker.start()
+    try:
+        time.sleep(0.05)
+        for _ in range(100):  # until it has spun its 0.3 s
+            if background_cpu_s() - before >= 0.25:
+                break
+            time.sleep(0.05)
+        assert background_cpu_s() - before >= 0.25
+    finally:
+        finished.set()
+        worker.join()
 
 
 def test_embedded_default_store(corpus_path: Path, tmp_path: Path) -> None:

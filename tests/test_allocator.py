@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -41,9 +42,11 @@ def _faults_per_step(mode: str) -> tuple[str, float]:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_training_steps_reuse_freed_memory() -> None:
-    kept, with_thresholds = _faults_per_step("keep")
-    _, by_default = _faults_per_step("default")
-    assert kept == "True"
-    # Measured here (this model, framework path): 225-330 faults a step by default, 0-17 with
-    # the thresholds.
-    assert with_thresholds * 8 < by_default, (with_thresholds, by_default)
+    runs = [(_faults_per_step("keep"), _faults_per_step("default")) for _ in range(3)]
+    assert all(kept == "True" for (kept, _), _ in runs)
+    # Medians of three processes each: glibc's own threshold adapts to what was freed, so one
+    # default process measured anywhere from 32 to 330 faults a step here (this model,
+    # framework path), one with the thresholds 0-17.
+    with_thresholds = statistics.median(faults for (_, faults), _ in runs)
+    by_default = statistics.median(faults for _, (_, faults) in runs)
+    assert with_thresholds <= 20 and with_thresholds * 2 < by_default, runs

@@ -307,7 +307,7 @@ def _train(
             tracker.log_sample(epoch, prefix, text)
             progress.write(f"epoch {epoch}: {text}")
 
-    background_cpu = [0.0, 0.0]  # after this process's first epoch, after its last
+    cpu_after_first_epoch = 0.0  # background threads' CPU seconds (see background_cpu_s)
     try:
         for epoch in range(first_epoch, config.epochs + 1):
             epoch_rng = rng.getstate()  # what a mid-epoch checkpoint needs to redo the layout
@@ -335,7 +335,8 @@ def _train(
                 sum_over_ranks=sum_over_ranks,
             )
             history.epochs.append(stats)
-            background_cpu[epoch > first_epoch] = background_cpu_s()
+            if epoch == first_epoch:
+                cpu_after_first_epoch = background_cpu_s()
             extra: dict[str, float] = {}
             if val_batches:
                 history.val_perplexity.append(evaluate(module, val_batches, info, sum_over_ranks))
@@ -349,6 +350,8 @@ def _train(
     finally:
         progress.close()
 
+    ran_several = config.epochs > first_epoch  # this process ran more than one epoch
+    background_cpu = background_cpu_s() - cpu_after_first_epoch if ran_several else 0.0
     result = TrainResult(module=module, vocab=data.vocab, history=history)
     if info.is_main:
         history.samples[:] = [s for s in history.samples if s[0] != config.epochs]
@@ -379,7 +382,7 @@ def _train(
                 "first_step_time": history.epochs[0].started_at,  # time.time() seconds
                 # CPU of the background (tracking) threads from the end of the first epoch to
                 # the end of the last: bounds what tracking took from the later epochs
-                "background_cpu_s": max(0.0, background_cpu[1] - background_cpu[0]),
+                "background_cpu_s": max(0.0, background_cpu),
                 "mlflow_run_id": tracker.run_id,
             },
         )

@@ -35,6 +35,7 @@ SOURCE = Path(__file__).with_name("tanh_recurrence.c")
 # -ffp-contract=off: no multiply-add the source does not spell out, so the elementwise steps
 # round as the framework's do, and a row's bits do not depend on where a split puts it.
 CFLAGS = ("-O2", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
+LIBS = ("-lm",)  # log and sqrt; after the source: a linker that drops unneeded libraries keeps it
 # Instruction set -> (extra compiler flags, the /proc/cpuinfo flags it needs), widest first.
 ISAS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "avx512": (("-mavx512f", "-mavx512dq", "-DRNNLM_AVX512"), frozenset({"avx512f", "avx512dq"})),
@@ -187,19 +188,21 @@ class TanhRecurrenceKernel:
         if targets.dtype != torch.int64 or not targets.is_contiguous() or targets.shape != (rows,):
             raise ValueError(f"targets must be contiguous int64 of shape {(rows,)}")
         mean, scratch = x.new_empty(()), x.new_empty(rows, classes)  # alive until the call ends
-        grads = (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias))
+        grads = None
+        if gradients:
+            grads = (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias))
         status = self._lib.rnnlm_linear_cross_entropy(
             rows,
             hidden,
             classes,
             *map(_ptr, (x, weight, bias, targets, scratch, mean)),
-            *(map(_ptr, grads) if gradients else (None,) * 3),
+            *(map(_ptr, grads) if grads else (None,) * 3),
             self._threads(),
         )
         if status == -2:
             raise IndexError(f"a target is outside [0, {classes})")
         _check(status)
-        return mean, grads if gradients else None
+        return mean, grads
 
     def clip_sgd(self, params: Sequence[Tensor], max_norm: float, lr: float) -> Tensor | None:
         """d2l's gradient clipping (to the global L2 norm ``max_norm``), then the SGD step
@@ -307,7 +310,7 @@ def build(directory: Path, isa: str) -> Path:
     try:
         try:
             done = subprocess.run(
-                [*compiler, *_flags(isa), str(SOURCE), "-o", partial],
+                [*compiler, *_flags(isa), str(SOURCE), *LIBS, "-o", partial],
                 capture_output=True,
                 text=True,
                 timeout=300,
@@ -325,7 +328,8 @@ def build(directory: Path, isa: str) -> Path:
 
 def library_name(isa: str) -> str:
     """One file per version of the source and flags, so an edit never loads a stale build."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags(isa)).encode()).hexdigest()
+    flags = " ".join((*_flags(isa), *LIBS)).encode()
+    digest = hashlib.sha256(SOURCE.read_bytes() + flags).hexdigest()
     return f"tanh_recurrence-{isa}-{digest[:16]}.so"
 
 

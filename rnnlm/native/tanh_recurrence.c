@@ -451,8 +451,8 @@ static inline vec v_exp_nonpositive(vec x) { return v_exp(v_max(v_set1(-80.0f), 
 /* One row of logits x (classes wide, the bias already added): its cross-entropy against
  * `target` (returned, in double), and, with `grad` given (which may be x), d(loss * scale)/dx
  * into it: (softmax - onehot(target)) * scale, softmax as exp(x - max) / sum. `e` is scratch of
- * `classes` rounded up to whole vectors; its padding, -inf, adds exp(-80) to the sum, which no
- * float sum of at least 1 (the max's own term) can see. */
+ * `classes` rounded up to whole vectors; its padding, -inf, is left out of the max's and the
+ * sum's reach (the max ignores it, the sum stops at `classes`). */
 static double row_cross_entropy(const float *x, int classes, int64_t target, float scale,
                                 float *grad, float *e) {
     const int padded = (classes + VL - 1) / VL * VL;
@@ -464,20 +464,22 @@ static double row_cross_entropy(const float *x, int classes, int64_t target, flo
     v_store(lanes, top_v);
     float top = lanes[0];
     for (int i = 1; i < VL; i++) top = lanes[i] > top ? lanes[i] : top;
-    vec sum_v = v_zero();
-    for (int j = 0; j < padded; j += VL) {
-        vec ev = v_exp_nonpositive(v_sub(v_load(e + j), v_set1(top)));
-        v_store(e + j, ev);
-        sum_v = v_add(sum_v, ev);
-    }
-    v_store(lanes, sum_v);
+    for (int j = 0; j < padded; j += VL)
+        v_store(e + j, v_exp_nonpositive(v_sub(v_load(e + j), v_set1(top))));
+    /* The sum in one order for both builds (element i into lane i % 8, the lanes then added in
+     * turn), the padding left out: the softmax's gradient divides by it, bit for bit alike. */
+    __m256 sum8 = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= classes; j += 8) sum8 = _mm256_add_ps(sum8, _mm256_loadu_ps(e + j));
+    float eight[8];
+    _mm256_storeu_ps(eight, sum8);
+    for (int i = j; i < classes; i++) eight[i - j] += e[i];
     float sum = 0.0f;
-    for (int i = 0; i < VL; i++) sum += lanes[i];
+    for (int i = 0; i < 8; i++) sum += eight[i];
     const double loss = (double)top + log((double)sum) - (double)x[target];
     if (grad) { /* after the loss has read x[target] */
         const vec factor = v_set1(scale / sum);
-        int j = 0;
-        for (; j + VL <= classes; j += VL) v_store(grad + j, v_mul(v_load(e + j), factor));
+        for (j = 0; j + VL <= classes; j += VL) v_store(grad + j, v_mul(v_load(e + j), factor));
         if (j < classes) {
             v_store(lanes, v_mul(v_load(e + j), factor));
             memcpy(grad + j, lanes, (classes - j) * sizeof(float));

@@ -4,8 +4,10 @@ Each rank trains on its own rows of every minibatch; DDP averages the gradients,
 equals the single-process update on the whole global batch. Loss and token counts stay on the
 device during the epoch (no host sync per step) and are summed over ALL ranks at its end.
 
-A step is run by a :class:`Step`: :class:`EagerStep` (the default; optionally under bf16
-autocast on CUDA) or :class:`GraphedStep` (one CUDA graph replayed per minibatch).
+A step is run by a :class:`Step`: :class:`CompiledStep` (the chapter's model on the compiled CPU
+kernel: the whole step in kernel calls, outside autograd), :class:`EagerStep` (everything else;
+optionally under bf16 autocast on CUDA) or :class:`GraphedStep` (one CUDA graph replayed per
+minibatch).
 """
 
 from __future__ import annotations
@@ -140,6 +142,77 @@ class EagerStep:
         return norm
 
 
+class CompiledStep:
+    """:class:`EagerStep` for the chapter's model (one tanh layer, the compiled kernel, SGD) as
+    two kernel calls outside autograd: the whole forward and backward pass
+    (:meth:`~rnnlm.native.TanhRecurrenceKernel.rnn_train_step`), then clipping and the SGD
+    step. The same operations as EagerStep's on the kernel, so the same bits; what it saves is
+    the framework's work around them, ~0.7-0.9 ms of a 3-5 ms step (autograd's graph, ~100
+    small operations, their Python).
+
+    Without autograd there is no backward pass for DDP's gradient hooks to join, so across
+    ranks ``average`` does their work: it averages the gradients, all of them in one flat
+    buffer, through the exchange DDP's hook would use (see :func:`rnnlm.pipeline.make_step`).
+    """
+
+    def __init__(
+        self,
+        module: RNNLM,
+        optimizer: SGD,
+        clip: float,
+        average: Callable[[Tensor], object] | None = None,
+    ) -> None:
+        if not CompiledStep.can_run(module, optimizer):
+            raise ValueError("CompiledStep runs a one-layer tanh RNN on the compiled kernel")
+        self.module, self.optimizer, self.clip, self.average = module, optimizer, clip, average
+        self.params = list(module.parameters())  # clipping sums their squares in this order
+        names = ["weight_ih_l0", "bias_ih_l0", "weight_hh_l0", "bias_hh_l0"]
+        self.kernel_order: list[Tensor] = [module.get_parameter(f"rnn.{n}") for n in names]
+        self.kernel_order += [module.linear.weight, module.linear.bias]
+        # Every gradient a view of one buffer: one all-reduce a step across ranks.
+        self.flat_grads = torch.zeros(sum(p.numel() for p in self.params))
+        views = self.flat_grads.split([p.numel() for p in self.params])
+        self.grads: dict[Tensor, Tensor] = {
+            p: v.view_as(p) for p, v in zip(self.params, views, strict=True)
+        }
+
+    @staticmethod
+    def can_run(module: RNNLM, optimizer: Optimizer) -> bool:
+        params = list(module.parameters())
+        return (
+            module.kernel is not None
+            and module.fast_cpu
+            and module.config.num_layers == 1
+            and isinstance(optimizer, SGD)
+            and all(p.requires_grad and p.dtype == torch.float32 for p in params)
+            and all(p.device.type == "cpu" and p.is_contiguous() for p in params)
+        )
+
+    def __call__(self, x: Tensor, y: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
+        kernel = self.module.kernel
+        assert kernel is not None and isinstance(state, Tensor)
+        for p in self.params:  # where they were set to None (zero_grad), they come back
+            p.grad = self.grads[p]
+        h_last = torch.empty_like(state)
+        grads = [self.grads[p] for p in self.kernel_order]
+        ids, targets = x.long().contiguous(), y.long().contiguous()
+        h0 = state[0].contiguous()
+        loss = kernel.rnn_train_step(ids, targets, h0, self.kernel_order, grads, h_last[0])
+        if self.average is not None:
+            self.average(self.flat_grads)
+        norm = kernel.clip_sgd(self.params, self.clip, self.optimizer.param_groups[0]["lr"])
+        assert norm is not None  # can_run checked what clip_sgd needs
+        return loss, norm, h_last
+
+
+def default_step(model: nn.Module, module: RNNLM, optimizer: Optimizer, clip: float) -> Step:
+    """:class:`CompiledStep` where it can run in one process, else :class:`EagerStep`."""
+    if model is module and CompiledStep.can_run(module, optimizer):
+        assert isinstance(optimizer, SGD)
+        return CompiledStep(module, optimizer, clip)
+    return EagerStep(model, module, optimizer, clip)
+
+
 class GraphedStep:
     """The whole :class:`EagerStep` captured once as a CUDA graph and replayed per minibatch:
     one launch instead of hundreds of kernel launches. Inputs and state are copied into fixed
@@ -241,7 +314,7 @@ def train_epoch(
 ) -> EpochStats:
     """Train over ``batches`` (this rank's rows). ``model`` may be the DDP wrapper of ``module``.
 
-    ``step`` runs one minibatch (default: an :class:`EagerStep`); ``step_losses``, when given,
+    ``step`` runs one minibatch (default: :func:`default_step`); ``step_losses``, when given,
     receives every step's loss as a device tensor (nothing is synchronised to collect it).
     ``progress`` resumes an epoch part-way (its first ``progress.step`` minibatches are
     skipped); ``after_step`` sees the progress after every minibatch (checkpoints, preemption).
@@ -249,7 +322,7 @@ def train_epoch(
     group's all-reduce), once per epoch.
     """
     device = info.device
-    step = step or EagerStep(model, module, optimizer, clip)
+    step = step or default_step(model, module, optimizer, clip)
     progress = progress or EpochProgress.start(device)
     tokens_before = progress.num_tokens
     started_at = time.time()

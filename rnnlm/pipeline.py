@@ -16,17 +16,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from rnnlm import artifacts, checkpoint, corpus, native, shm_allreduce
 from rnnlm.batching import check_corpus_length, epoch_batches
 from rnnlm.config import TrainConfig
-from rnnlm.distributed import DistInfo, SumOverRanks
+from rnnlm.distributed import DistInfo
 from rnnlm.errors import FlagError
 from rnnlm.evaluate import evaluate, validation_batches
 from rnnlm.generate import generate
-from rnnlm.loop import SGD, EagerStep, EpochStats, GraphedStep, Optimizer, Step, train_epoch
+from rnnlm.loop import (
+    SGD,
+    CompiledStep,
+    EagerStep,
+    EpochStats,
+    GraphedStep,
+    Optimizer,
+    Step,
+    train_epoch,
+)
 from rnnlm.model import RNNLM
 from rnnlm.resume import Checkpointer, History, Preempted, Resumed, StopFlag
 from rnnlm.tracking import NullTracker, Tracker, background_cpu_s, standard_tags
@@ -153,12 +163,37 @@ def make_step(
     module: RNNLM,
     optimizer: Optimizer,
     info: DistInfo,
+    exchange: shm_allreduce.SharedMemoryAllReduce | None = None,
 ) -> Step:
+    """The chapter's model on the compiled kernel takes :class:`CompiledStep`; everything else
+    (CUDA, GRU/LSTM, several layers, ``--cpu-kernel torch``) the framework's autograd and, across
+    ranks, DDP's gradient hooks."""
     autocast = torch.bfloat16 if config.autocast == "bf16" else None
+    if autocast is None and not config.cuda_graphs and CompiledStep.can_run(module, optimizer):
+        assert isinstance(optimizer, SGD)
+        return CompiledStep(module, optimizer, config.clip, gradient_averager(info, exchange))
     eager = EagerStep(model, module, optimizer, config.clip, autocast)
     if not config.cuda_graphs:
         return eager
     return GraphedStep(eager, module, config.batch_size // info.world_size, config.num_steps)
+
+
+def gradient_averager(
+    info: DistInfo, exchange: shm_allreduce.SharedMemoryAllReduce | None
+) -> Callable[[Tensor], object] | None:
+    """What DDP's gradient hook does, for a step whose gradients autograd never sees: average
+    them over the ranks, in place, through shared memory where the job set it up, else the
+    process group (divided by the world size first, as DDP does). None in one process."""
+    if not info.is_distributed:
+        return None
+    if exchange is not None:
+        return exchange.all_reduce
+
+    def through_backend(grads: Tensor) -> None:
+        grads.div_(info.world_size)
+        dist.all_reduce(grads, op=dist.ReduceOp.SUM)
+
+    return through_backend
 
 
 class Progress:
@@ -238,8 +273,6 @@ def train(
     checkpointer = Checkpointer(
         config, info, module, optimizer, data.vocab, history, stop, exchange
     )
-    # The epoch's sums take the gradients' route where it is shared memory.
-    sum_over_ranks = exchange.sum_float64 if exchange else None
     found = checkpointer.find()
     resumed = checkpointer.restore(found, rng) if found is not None else None
     run_id = resumed.mlflow_run_id if resumed else None
@@ -248,7 +281,7 @@ def train(
     status = "FAILED"
     try:
         result = _train(config, info, data, module, model, optimizer, rng, history, checkpointer,
-                        resumed, tracker, sum_over_ranks)  # fmt: skip
+                        resumed, tracker, exchange)  # fmt: skip
         status = "FINISHED"
         return result
     except Preempted:
@@ -270,7 +303,7 @@ def _train(
     checkpointer: Checkpointer,
     resumed: Resumed | None,
     tracker: Tracker,
-    sum_over_ranks: SumOverRanks | None,
+    exchange: shm_allreduce.SharedMemoryAllReduce | None,
 ) -> TrainResult:
     val_batches = (
         validation_batches(
@@ -295,7 +328,9 @@ def _train(
     # must not hold training up; its records keep being retried).
     if not tracker.wait_sent(STARTUP_RECORDS_WAIT_S):
         log.warning("MLflow is slow: training starts before the run's first records are sent")
-    step = make_step(config, model, module, optimizer, info)
+    step = make_step(config, model, module, optimizer, info, exchange)
+    # The epoch's sums take the gradients' route where it is shared memory.
+    sum_over_ranks = exchange.sum_float64 if exchange else None
     train_ids = data.train_ids.to(info.device)  # minibatches are views: no copy per step
     first_epoch = resumed.epoch if resumed else 1
     progress = Progress(config.epochs, config.log_every, enabled=info.is_main, done=first_epoch - 1)

@@ -10,7 +10,7 @@ import torch
 
 from rnnlm import native
 from rnnlm.config import ModelConfig
-from rnnlm.loop import SGD, clip_gradients
+from rnnlm.loop import SGD, CompiledStep, EagerStep, clip_gradients, default_step
 from rnnlm.model import RNNLM, CompiledLinear, CompiledLinearCrossEntropy, CompiledTanhRecurrence
 from tests.conftest import job_env, read_train_info, run_job
 from tests.test_bad_input import assert_refused
@@ -335,6 +335,78 @@ def test_clipping_and_sgd_in_one_call(kernel: native.TanhRecurrenceKernel, max_n
     before = [p.detach().clone() for p in strided]
     assert kernel.clip_sgd(strided, max_norm, lr=0.5) is None
     assert all(torch.equal(p.detach(), b) for p, b in zip(strided, before, strict=True))
+
+
+@pytest.mark.parametrize(
+    "vocab, hidden, rows, threads",
+    [(28, 256, 32, 2), (5, 37, 3, 1), (70, 64, 9, 3)],  # 70: b_ih's sum in two levels
+)
+def test_compiled_step_computes_the_eager_steps_bits(
+    kernel: native.TanhRecurrenceKernel, vocab: int, hidden: int, rows: int, threads: int
+) -> None:
+    """The whole step in one kernel call, outside autograd, against :class:`EagerStep` on the
+    same kernel (autograd through the compiled layers): every step's loss, gradient norm and
+    carried state, and the gradients and weights after it, bit for bit, over 12 steps with
+    clipping at work in some of them."""
+
+    def model() -> RNNLM:
+        torch.manual_seed(3)
+        module = RNNLM(ModelConfig(vocab, num_hiddens=hidden))
+        module.kernel = kernel
+        return module
+
+    eager_model, compiled_model = model(), model()
+    eager = EagerStep(eager_model, eager_model, SGD(eager_model.parameters(), 1.0), 0.05)
+    compiled = default_step(
+        compiled_model, compiled_model, SGD(compiled_model.parameters(), 1.0), 0.05
+    )
+    assert isinstance(compiled, CompiledStep)
+    generator = torch.Generator().manual_seed(4)
+    states = [eager_model.begin_state(rows), compiled_model.begin_state(rows)]
+    clipped = 0
+    try:
+        kernel.threads = threads
+        for _ in range(12):
+            x, y = (torch.randint(0, vocab, (rows, 35), generator=generator) for _ in range(2))
+            (loss_a, norm_a, states[0]), (loss_b, norm_b, states[1]) = (
+                step(x, y, state.detach())
+                for step, state in zip((eager, compiled), states, strict=True)
+            )
+            assert torch.equal(loss_a, loss_b) and torch.equal(norm_a, norm_b)
+            assert torch.equal(states[0], states[1])
+            pairs = zip(eager_model.named_parameters(), compiled_model.parameters(), strict=True)
+            for (name, a), b in pairs:
+                assert torch.equal(a.grad, b.grad), f"gradient of {name}"  # type: ignore[arg-type]
+                assert torch.equal(a.detach(), b.detach()), name
+            clipped += bool(norm_a > 0.05)
+    finally:
+        kernel.threads = None
+    assert clipped > 0
+
+
+def test_compiled_step_refuses_ids_and_targets_outside_the_vocabulary(
+    kernel: native.TanhRecurrenceKernel,
+) -> None:
+    """Refused before anything is written: weights and state stay as they were."""
+    torch.manual_seed(5)
+    module = RNNLM(ModelConfig(28, num_hiddens=16))
+    module.kernel = kernel
+    step = CompiledStep(module, SGD(module.parameters(), 1.0), 1.0)
+    before = [p.detach().clone() for p in module.parameters()]
+    good = torch.randint(0, 28, (4, 6))
+    bad = good.clone()
+    bad[2, 3] = 28
+    with pytest.raises(IndexError, match=r"an id is outside \[0, 28\)"):
+        step(bad, good, module.begin_state(4))
+    with pytest.raises(IndexError, match=r"a target is outside \[0, 28\)"):
+        step(good, bad, module.begin_state(4))
+    assert all(torch.equal(p, b) for p, b in zip(module.parameters(), before, strict=True))
+    two_layers = RNNLM(ModelConfig(28, num_hiddens=16, num_layers=2))
+    two_layers.kernel = kernel
+    assert not CompiledStep.can_run(two_layers, SGD(two_layers.parameters(), 1.0))
+    assert isinstance(
+        default_step(two_layers, two_layers, SGD(two_layers.parameters(), 1.0), 1.0), EagerStep
+    )
 
 
 def test_lookup_inside_the_recurrence(kernel: native.TanhRecurrenceKernel) -> None:

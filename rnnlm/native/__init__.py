@@ -87,6 +87,9 @@ class TanhRecurrenceKernel:
         library.rnnlm_linear_cross_entropy.restype = ctypes.c_int
         library.rnnlm_clip_sgd.argtypes = [ctypes.c_int, *ptrs * 4, ctypes.c_float, ctypes.c_float]
         library.rnnlm_clip_sgd.restype = None
+        library.rnnlm_rnn_train_step.argtypes = [*ints, ctypes.c_int, ctypes.c_int]
+        library.rnnlm_rnn_train_step.argtypes += [*ptrs * 17, ctypes.c_int]
+        library.rnnlm_rnn_train_step.restype = ctypes.c_int
         library.tanh_recurrence_forward.restype = ctypes.c_int
         library.tanh_recurrence_backward.restype = ctypes.c_int
         library.rnnlm_matmul.restype = ctypes.c_int
@@ -203,6 +206,51 @@ class TanhRecurrenceKernel:
             raise IndexError(f"a target is outside [0, {classes})")
         _check(status)
         return mean, grads
+
+    def rnn_train_step(
+        self,
+        ids: Tensor,
+        targets: Tensor,
+        h0: Tensor,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        h_last: Tensor,
+    ) -> Tensor:
+        """One training step of the chapter's model in one call, forward and backward: ``ids``
+        and ``targets`` (B, T) int64, ``h0`` (B, H); ``params`` are W_ih, b_ih, W_hh, b_hh (a
+        one-layer ``nn.RNN``'s) and the output layer's W, b, and ``grads`` receives their
+        gradients of the mean cross-entropy; ``h_last`` (B, H) receives h_T. Returns the loss
+        (a 0-dim tensor). Computes what the model's compiled path and autograd compute, bit for
+        bit."""
+        batch, steps = ids.shape
+        w_ih, _, _, _, w_out, _ = params
+        hidden, vocab = w_ih.shape
+        classes = w_out.shape[0]
+        shapes = [(hidden, vocab), (hidden,), (hidden, hidden), (hidden,), (classes, hidden)]
+        shapes.append((classes,))
+        _check_shapes((*params, *grads), shapes * 2)
+        _check_shapes((h0, h_last), [(batch, hidden)] * 2)
+        for name, t in (("ids", ids), ("targets", targets)):
+            if t.dtype != torch.int64 or not t.is_contiguous() or t.shape != (batch, steps):
+                raise ValueError(f"{name} must be contiguous int64 of shape {(batch, steps)}")
+        mean, grad_table = h0.new_empty(()), h0.new_empty(vocab, hidden)
+        status = self._lib.rnnlm_rnn_train_step(
+            steps,
+            batch,
+            hidden,
+            vocab,
+            classes,
+            *map(_ptr, (ids, targets, h0, *params, h_last, mean, grad_table, grads[0], *grads[2:])),
+            self._threads(),
+        )
+        if status == -2:
+            raise IndexError(f"an id is outside [0, {vocab})")
+        if status == -3:
+            raise IndexError(f"a target is outside [0, {classes})")
+        _check(status)
+        # b_ih's gradient as autograd sums it from the table's (the order sets the bits)
+        torch.sum(grad_table, dim=0, out=grads[1])
+        return mean
 
     def clip_sgd(self, params: Sequence[Tensor], max_norm: float, lr: float) -> Tensor | None:
         """d2l's gradient clipping (to the global L2 norm ``max_norm``), then the SGD step

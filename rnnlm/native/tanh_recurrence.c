@@ -614,3 +614,75 @@ void rnnlm_clip_sgd(int count, float *const *params, float *const *grads, const 
     }
     *norm_out = norm;
 }
+
+/* One training step of the chapter's model (one tanh layer, the output layer, the mean
+ * cross-entropy), forward and backward, in one call: the framework's autograd and the Python
+ * around ~10 operations per step took 0.7-0.9 ms of a 3-5 ms step. Shapes: ids and targets
+ * (batch, steps), as minibatches come; h0 and h_last (batch, hidden); w_ih (hidden, vocab),
+ * b_ih, b_hh (hidden), w_hh (hidden, hidden), w_out (classes, hidden), b_out (classes); every
+ * gradient the shape of its parameter. b_ih's gradient is the column sums of grad_table
+ * (vocab, hidden), the gradient of the table W_ih^T + b_ih: left to the caller, whose framework
+ * sums in an order of its own (autograd's bits). The same operations as the model's compiled
+ * path, so the same bits: the table, the recurrence, the output layer and loss (logits in
+ * time-major order), backward through time from dL/dh_T = 0, dL/dW_hh = dz^T [h_0 .. h_{T-1}].
+ * Returns 0, -1 when out of memory, -2 for an id outside [0, vocab), -3 for a target outside
+ * [0, classes). */
+int rnnlm_rnn_train_step(int steps, int batch, int hidden, int vocab, int classes,
+                         const int64_t *ids, const int64_t *targets, const float *h0,
+                         const float *w_ih, const float *b_ih, const float *w_hh,
+                         const float *b_hh, const float *w_out, const float *b_out,
+                         float *h_last, float *mean, float *grad_table, float *grad_w_ih,
+                         float *grad_w_hh, float *grad_b_hh, float *grad_w_out, float *grad_b_out,
+                         int threads) {
+    const int64_t rows = (int64_t)steps * batch, block = (int64_t)batch * hidden;
+    for (int64_t i = 0; i < rows; i++) {
+        if (ids[i] < 0 || ids[i] >= vocab) return -2;
+        if (targets[i] < 0 || targets[i] >= classes) return -3;
+    }
+    int64_t *by_time = malloc(2 * rows * sizeof(int64_t)); /* ids, then targets, time-major */
+    float *table = malloc((size_t)vocab * hidden * sizeof(float));
+    float *hs = malloc((size_t)(rows + batch) * hidden * sizeof(float)); /* h_0 .. h_T */
+    /* dL/dh_t from the output layer, overwritten in place by dz_t = dL/dpre_t (the backward
+     * pass reads each element before it writes it): one buffer less in the cache */
+    float *grad_x = malloc((size_t)rows * hidden * sizeof(float));
+    float *logits = malloc((size_t)rows * classes * sizeof(float));
+    float *dh = calloc((size_t)block * 2, sizeof(float)); /* dL/dh_T = 0, and its scratch */
+    int status = by_time && table && hs && grad_x && logits && dh ? 0 : -1;
+    if (status == 0) {
+        for (int t = 0; t < steps; t++)
+            for (int b = 0; b < batch; b++) {
+                by_time[t * batch + b] = ids[(int64_t)b * steps + t];
+                by_time[rows + t * batch + b] = targets[(int64_t)b * steps + t];
+            }
+        for (int v = 0; v < vocab; v++) /* one_hot(v) W_ih^T + b_ih, as the lookup's table */
+            for (int h = 0; h < hidden; h++)
+                table[(int64_t)v * hidden + h] = w_ih[(int64_t)h * vocab + v] + b_ih[h];
+        memcpy(hs, h0, block * sizeof(float));
+        status = tanh_recurrence_forward(steps, batch, hidden, table, by_time, vocab, w_hh,
+                                         b_hh, hs, threads);
+    }
+    if (status == 0) {
+        memcpy(h_last, hs + steps * block, block * sizeof(float));
+        status = rnnlm_linear_cross_entropy((int)rows, hidden, classes, hs + block, w_out, b_out,
+                                            by_time + rows, logits, mean, grad_x, grad_w_out,
+                                            grad_b_out, threads);
+    }
+    if (status == 0)
+        status = tanh_recurrence_backward(steps, batch, hidden, hs + block, grad_x, w_hh, dh,
+                                          grad_x, dh + block, by_time, vocab, grad_b_hh,
+                                          grad_table, threads);
+    if (status == 0) /* grad_x holds dz now */
+        status = rnnlm_matmul(hidden, hidden, (int)rows, grad_x, 1, hidden, hs, hidden, 1,
+                              grad_w_hh, threads);
+    if (status == 0) /* grad_table transposed */
+        for (int h = 0; h < hidden; h++)
+            for (int v = 0; v < vocab; v++)
+                grad_w_ih[(int64_t)h * vocab + v] = grad_table[(int64_t)v * hidden + h];
+    free(by_time);
+    free(table);
+    free(hs);
+    free(grad_x);
+    free(logits);
+    free(dh);
+    return status;
+}

@@ -11,8 +11,10 @@ kernel (:mod:`rnnlm.native`, :class:`CompiledTanhRecurrence`) runs that recurren
 call per sequence and direction (looking the first layer's inputs up itself), and the matrix
 products of the weight gradients and of the output layer (:class:`CompiledLinear`); given the
 targets, the output layer, the loss and their gradients are one call
-(:class:`CompiledLinearCrossEntropy`). On CUDA, and for GRU/LSTM, the framework's layer (cuDNN
-on a GPU) runs as in the chapter.
+(:class:`CompiledLinearCrossEntropy`). Training the one-layer model skips even these:
+:class:`rnnlm.loop.CompiledStep` runs its whole step in one kernel call, outside autograd, with
+the same bits. On CUDA, and for GRU/LSTM, the framework's layer (cuDNN on a GPU) runs as in the
+chapter.
 
 Shape legend: ``B`` batch rows, ``T`` time steps, ``V`` vocabulary size, ``H`` hidden units,
 ``L`` layers.

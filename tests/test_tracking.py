@@ -297,3 +297,42 @@ def test_server_stopped_mid_run_training_finishes(corpus_path: Path, tmp_path: P
     info = read_train_info(out)
     assert len(info["perplexity_by_epoch"]) == 400  # trained to the end
     assert read_model_dir(out)  # and the model is saved locally
+
+
+def test_live_metrics_carry_the_newest_epoch_and_the_close_sends_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While training, each metrics call carries only the newest epoch's rows (one call per
+    METRICS_EVERY_S); the epochs in between reach the store when the run closes."""
+    from rnnlm import tracking
+    from rnnlm.loop import EpochStats
+
+    monkeypatch.setattr(tracking, "METRICS_EVERY_S", 0.0)
+    settings = tracking.TrackingSettings(
+        f"sqlite:///{tmp_path}/mlflow.db", "tests", None, "live", "candidate",
+        system_metrics_interval=600.0,
+    )  # fmt: skip
+    tracker = tracking.MlflowTracker(settings)
+    client, run_id = MlflowClient(settings.uri), tracker.run_id
+    assert run_id is not None
+
+    def epochs(first: int, last: int) -> None:
+        for epoch in range(first, last + 1):
+            stats = EpochStats(epoch, 10.0 / epoch, 100, 0.01, 1e4, 1e4, 0.5, 1.0)
+            tracker.log_epoch(stats, {"val_perplexity": 20.0 / epoch})
+
+    def logged() -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run_id, "train_perplexity"))
+
+    epochs(1, 1)
+    assert tracker.wait_sent(60)
+    gate = threading.Event()  # the sender waits here: epochs 2-9 pile up for one call
+    tracker.sender.submit("gate", lambda: gate.wait(60))
+    epochs(2, 9)
+    gate.set()
+    assert tracker.wait_sent(60)
+    assert logged() == [1, 9]
+    tracker.close("FINISHED")
+    assert logged() == list(range(1, 10))
+    history = client.get_metric_history(run_id, "val_perplexity")
+    assert sorted((m.step, m.value) for m in history) == [(e, 20.0 / e) for e in range(1, 10)]

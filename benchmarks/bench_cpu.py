@@ -470,9 +470,8 @@ def report_configs(configs: list[Config]) -> dict[str, Any]:
     # the median of the repetitions' ratios: drift between repetitions cancels
     if compared := versus("ours_2ranks", "ours_1proc_1thread"):
         scaling["2ranks_vs_1proc_1thread_paired"] = compared[1]["median"]
-    if compared := versus("ours_1proc_tracking", "ours_1proc"):
-        scaling["tracking_slowdown"] = 1 - compared[0]
-        scaling["tracking_slowdown_paired"] = 1 - compared[1]["median"]
+    if slowdown := tracking_slowdown(by_name):
+        scaling.update(slowdown)
         # Drift-free: the CPU tracking's threads took while training, as a share of the
         # training time (on minus off); the most tracking can have slowed training by.
         on, off = (
@@ -521,17 +520,25 @@ def time_to_result(
         if versus:
             entry["speedup_vs_chapter_of_medians"], entry["speedup_vs_chapter_paired"] = versus
         result[config.name] = entry
-    by_name = {config.name: config for config in configs}
-    if "ours_1proc_tracking" in by_name and "ours_1proc" in by_name:
-        # Tracking's cost over the whole run, by the training epochs' tokens/s (start-up and
-        # the model's registration at the end are not training)
-        compared = ratios(rates_of(by_name["ours_1proc_tracking"]), rates_of(by_name["ours_1proc"]))
-        if compared:
-            result["_derived"] = {
-                "tracking_slowdown": 1 - compared[0],
-                "tracking_slowdown_paired": 1 - compared[1]["median"],
-            }
+    # Tracking's cost over the whole run, by the training epochs' tokens/s (start-up and the
+    # model's registration at the end are not training)
+    if slowdown := tracking_slowdown({config.name: config for config in configs}):
+        result["_derived"] = slowdown
     return result
+
+
+def tracking_slowdown(by_name: dict[str, Config]) -> dict[str, float]:
+    """1 - tracked / untracked tokens/s, of the medians and paired; empty where either is
+    missing or no pair ran."""
+    if "ours_1proc_tracking" not in by_name or "ours_1proc" not in by_name:
+        return {}
+    compared = ratios(rates_of(by_name["ours_1proc_tracking"]), rates_of(by_name["ours_1proc"]))
+    if not compared:
+        return {}
+    return {
+        "tracking_slowdown": 1 - compared[0],
+        "tracking_slowdown_paired": 1 - compared[1]["median"],
+    }
 
 
 def print_table(report: dict[str, Any]) -> None:

@@ -175,6 +175,7 @@ class CompiledStep:
         self.grads: dict[Tensor, Tensor] = {
             p: v.view_as(p) for p, v in zip(self.params, views, strict=True)
         }
+        self.kernel_grads = [self.grads[p] for p in self.kernel_order]
 
     @staticmethod
     def can_run(module: RNNLM, optimizer: Optimizer) -> bool:
@@ -194,10 +195,11 @@ class CompiledStep:
         for p in self.params:  # where they were set to None (zero_grad), they come back
             p.grad = self.grads[p]
         h_last = torch.empty_like(state)
-        grads = [self.grads[p] for p in self.kernel_order]
         ids, targets = x.long().contiguous(), y.long().contiguous()
         h0 = state[0].contiguous()
-        loss = kernel.rnn_train_step(ids, targets, h0, self.kernel_order, grads, h_last[0])
+        loss = kernel.rnn_train_step(
+            ids, targets, h0, self.kernel_order, self.kernel_grads, h_last[0]
+        )
         if self.average is not None:
             self.average(self.flat_grads)
         norm = kernel.clip_sgd(self.params, self.clip, self.optimizer.param_groups[0]["lr"])

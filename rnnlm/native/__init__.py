@@ -107,8 +107,7 @@ class TanhRecurrenceKernel:
             _check_shapes((pre, *weights), [(steps, batch, hidden), *shapes])
         else:
             _check_shapes((pre, *weights), [(table_rows, hidden), *shapes])
-            if ids.dtype != torch.int64 or not ids.is_contiguous() or ids.shape != (steps, batch):
-                raise ValueError(f"ids must be contiguous int64 of shape {(steps, batch)}")
+            _check_indices("ids", ids, (steps, batch))
         status = self._lib.tanh_recurrence_forward(
             steps,
             batch,
@@ -188,8 +187,7 @@ class TanhRecurrenceKernel:
         (N,) int64, and with ``gradients`` its gradients for ``x``, ``weight`` and ``bias``."""
         (rows, hidden), classes = x.shape, weight.shape[0]
         _check_shapes((x, weight, bias), [(rows, hidden), (classes, hidden), (classes,)])
-        if targets.dtype != torch.int64 or not targets.is_contiguous() or targets.shape != (rows,):
-            raise ValueError(f"targets must be contiguous int64 of shape {(rows,)}")
+        _check_indices("targets", targets, (rows,))
         mean, scratch = x.new_empty(()), x.new_empty(rows, classes)  # alive until the call ends
         grads = None
         if gradients:
@@ -230,9 +228,8 @@ class TanhRecurrenceKernel:
         shapes.append((classes,))
         _check_shapes((*params, *grads), shapes * 2)
         _check_shapes((h0, h_last), [(batch, hidden)] * 2)
-        for name, t in (("ids", ids), ("targets", targets)):
-            if t.dtype != torch.int64 or not t.is_contiguous() or t.shape != (batch, steps):
-                raise ValueError(f"{name} must be contiguous int64 of shape {(batch, steps)}")
+        _check_indices("ids", ids, (batch, steps))
+        _check_indices("targets", targets, (batch, steps))
         mean, grad_table = h0.new_empty(()), h0.new_empty(vocab, hidden)
         status = self._lib.rnnlm_rnn_train_step(
             steps,
@@ -437,6 +434,12 @@ def _check_shapes(tensors: tuple[Tensor, ...], shapes: list[tuple[int, ...]]) ->
                 f"the kernel needs contiguous float32 CPU tensors of shape {shape}, got "
                 f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
             )
+
+
+def _check_indices(name: str, tensor: Tensor, shape: tuple[int, ...]) -> None:
+    """Ids or targets the C code indexes with: contiguous int64 of ``shape``."""
+    if tensor.dtype != torch.int64 or not tensor.is_contiguous() or tensor.shape != shape:
+        raise ValueError(f"{name} must be contiguous int64 of shape {shape}")
 
 
 def _check_matrices(a: Tensor, b: Tensor, b_shape: tuple[int, int]) -> None:

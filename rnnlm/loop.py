@@ -142,6 +142,18 @@ class EagerStep:
         return norm
 
 
+class SharedGradients(Protocol):
+    """Gradients every rank can read (:class:`rnnlm.shm_allreduce.SharedMemoryAllReduce`)."""
+
+    def own_slot(self, numel: int) -> Tensor:
+        """Where this rank writes its gradients (flat, undivided) before :meth:`gather`."""
+        ...
+
+    def gather(self, numel: int) -> Tensor:
+        """Collective: every rank's gradients, (world, numel) in rank order."""
+        ...
+
+
 class CompiledStep:
     """:class:`EagerStep` for the chapter's model (one tanh layer, the compiled kernel, SGD) as
     two kernel calls outside autograd: the whole forward and backward pass
@@ -151,8 +163,11 @@ class CompiledStep:
     small operations, their Python).
 
     Without autograd there is no backward pass for DDP's gradient hooks to join, so across
-    ranks ``average`` does their work: it averages the gradients, all of them in one flat
-    buffer, through the exchange DDP's hook would use (see :func:`rnnlm.pipeline.make_step`).
+    ranks the step does their work, averaging the gradients (all of them, one flat buffer) as
+    DDP's hook would (see :func:`rnnlm.pipeline.make_step`): through ``shared`` memory, where
+    the kernel writes them straight into this rank's slot and the clipping call averages the
+    gathered slots first; else through ``average`` (the process group), in place, before
+    clipping.
     """
 
     def __init__(
@@ -161,21 +176,28 @@ class CompiledStep:
         optimizer: SGD,
         clip: float,
         average: Callable[[Tensor], object] | None = None,
+        shared: SharedGradients | None = None,
     ) -> None:
         if not CompiledStep.can_run(module, optimizer):
             raise ValueError("CompiledStep runs a one-layer tanh RNN on the compiled kernel")
-        self.module, self.optimizer, self.clip, self.average = module, optimizer, clip, average
+        if average is not None and shared is not None:
+            raise ValueError("gradients are averaged through shared memory or the process group")
+        self.module, self.optimizer, self.clip = module, optimizer, clip
+        self.average, self.shared = average, shared
         self.params = list(module.parameters())  # clipping sums their squares in this order
         names = ["weight_ih_l0", "bias_ih_l0", "weight_hh_l0", "bias_hh_l0"]
         self.kernel_order: list[Tensor] = [module.get_parameter(f"rnn.{n}") for n in names]
         self.kernel_order += [module.linear.weight, module.linear.bias]
         # Every gradient a view of one buffer: one all-reduce a step across ranks.
         self.flat_grads = torch.zeros(sum(p.numel() for p in self.params))
-        views = self.flat_grads.split([p.numel() for p in self.params])
-        self.grads: dict[Tensor, Tensor] = {
-            p: v.view_as(p) for p, v in zip(self.params, views, strict=True)
-        }
+        self.grads = self._views(self.flat_grads)
         self.kernel_grads = [self.grads[p] for p in self.kernel_order]
+        self._slot_grads: dict[int, list[Tensor]] = {}  # kernel_grads in each shared slot
+
+    def _views(self, flat: Tensor) -> dict[Tensor, Tensor]:
+        """Each parameter's gradient as a view of ``flat``, in the order of ``self.params``."""
+        views = flat.split([p.numel() for p in self.params])
+        return {p: v.view_as(p) for p, v in zip(self.params, views, strict=True)}
 
     @staticmethod
     def can_run(module: RNNLM, optimizer: Optimizer) -> bool:
@@ -197,14 +219,26 @@ class CompiledStep:
         h_last = torch.empty_like(state)
         ids, targets = x.long().contiguous(), y.long().contiguous()
         h0 = state[0].contiguous()
-        loss = kernel.rnn_train_step(
-            ids, targets, h0, self.kernel_order, self.kernel_grads, h_last[0]
-        )
+        numel, lr = self.flat_grads.numel(), self.optimizer.param_groups[0]["lr"]
+        raw = self.kernel_grads if self.shared is None else self._in_slot(self.shared, numel)
+        loss = kernel.rnn_train_step(ids, targets, h0, self.kernel_order, raw, h_last[0])
+        if self.shared is not None:
+            norm = kernel.average_clip_sgd(self.shared.gather(numel), self.params, self.clip, lr)
+            return loss, norm, h_last
         if self.average is not None:
             self.average(self.flat_grads)
-        norm = kernel.clip_sgd(self.params, self.clip, self.optimizer.param_groups[0]["lr"])
-        assert norm is not None  # can_run checked what clip_sgd needs
-        return loss, norm, h_last
+        clipped = kernel.clip_sgd(self.params, self.clip, lr)
+        assert clipped is not None  # can_run checked what clip_sgd needs
+        return loss, clipped, h_last
+
+    def _in_slot(self, shared: SharedGradients, numel: int) -> list[Tensor]:
+        """The kernel's gradient outputs in this rank's next shared slot (two slots take
+        turns, so their views are built once)."""
+        slot = shared.own_slot(numel)
+        if slot.data_ptr() not in self._slot_grads:
+            views = self._views(slot)
+            self._slot_grads[slot.data_ptr()] = [views[p] for p in self.kernel_order]
+        return self._slot_grads[slot.data_ptr()]
 
 
 def default_step(model: nn.Module, module: RNNLM, optimizer: Optimizer, clip: float) -> Step:

@@ -171,23 +171,20 @@ def make_step(
     autocast = torch.bfloat16 if config.autocast == "bf16" else None
     if autocast is None and not config.cuda_graphs and CompiledStep.can_run(module, optimizer):
         assert isinstance(optimizer, SGD)
-        return CompiledStep(module, optimizer, config.clip, gradient_averager(info, exchange))
+        average = None if exchange else backend_averager(info)
+        return CompiledStep(module, optimizer, config.clip, average, shared=exchange)
     eager = EagerStep(model, module, optimizer, config.clip, autocast)
     if not config.cuda_graphs:
         return eager
     return GraphedStep(eager, module, config.batch_size // info.world_size, config.num_steps)
 
 
-def gradient_averager(
-    info: DistInfo, exchange: shm_allreduce.SharedMemoryAllReduce | None
-) -> Callable[[Tensor], object] | None:
-    """What DDP's gradient hook does, for a step whose gradients autograd never sees: average
-    them over the ranks, in place, through shared memory where the job set it up, else the
-    process group (divided by the world size first, as DDP does). None in one process."""
+def backend_averager(info: DistInfo) -> Callable[[Tensor], object] | None:
+    """What DDP's gradient hook does through the process group, for a step whose gradients
+    autograd never sees: divide by the world size, then sum over the ranks, in place. None in
+    one process."""
     if not info.is_distributed:
         return None
-    if exchange is not None:
-        return exchange.all_reduce
 
     def through_backend(grads: Tensor) -> None:
         grads.div_(info.world_size)

@@ -15,6 +15,11 @@ only after every peer announced k + 1, which a peer does only after it finished 
 
 The stop flags ride along, so agreeing on a SIGTERM costs no extra collective per step.
 
+The compiled training step (:class:`rnnlm.loop.CompiledStep`) runs no DDP hook: its kernel writes
+the rank's gradients, undivided, straight into its slot (:meth:`SharedMemoryAllReduce.own_slot`),
+and after :meth:`SharedMemoryAllReduce.gather` one C call divides, sums in rank order, clips and
+steps: the same bits without the division's pass into the slot and the sum's call.
+
 The epoch's totals (a few float64 sums: loss, tokens, each rank's rate) take the same route,
 :meth:`SharedMemoryAllReduce.sum_float64`, as one more call in the same sequence: through gloo,
 a collective issued while both cores are busy training waited ~3 ms (median) for gloo's
@@ -98,15 +103,25 @@ class SharedMemoryAllReduce:
 
     def all_reduce(self, grads: torch.Tensor) -> torch.Tensor:
         """Average ``grads`` (this rank's, one bucket) over the ranks, in place."""
+        torch.div(grads, self.world, out=self.own_slot(grads.numel()))
+        _sum_in_rank_order(self.gather(grads.numel()), out=grads)
+        return grads
+
+    def own_slot(self, numel: int) -> torch.Tensor:
+        """This rank's slot for the next :meth:`gather` (its first ``numel`` floats): a caller
+        that averages the gathered gradients itself writes its own straight into it."""
+        return self.slots[(self.calls + 1) % 2, self.rank, :numel]
+
+    def gather(self, numel: int) -> torch.Tensor:
+        """Collective: once every rank has filled its :meth:`own_slot`, all of them, (world,
+        numel) in rank order, as a view of the segment that stays valid until this rank's next
+        call (a peer overwrites it only after this rank has announced the call after next)."""
         self.calls += 1
-        parity, n = self.calls % 2, grads.numel()
-        slots = self.slots[parity, :, :n]
-        torch.div(grads, self.world, out=slots[self.rank])
+        parity = self.calls % 2
         self.flags[parity, self.rank] = int(self.stop_requested())
         self._publish_and_wait()
-        _sum_in_rank_order(slots, out=grads)
         self.stop_agreed = bool(self.flags[parity].any())
-        return grads
+        return self.slots[parity, :, :numel]
 
     def sum_float64(self, values: torch.Tensor) -> torch.Tensor:
         """Collective: sum a few float64 ``values`` over the ranks, in place; every rank gets

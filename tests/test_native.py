@@ -337,6 +337,41 @@ def test_clipping_and_sgd_in_one_call(kernel: native.TanhRecurrenceKernel, max_n
     assert all(torch.equal(p.detach(), b) for p, b in zip(strided, before, strict=True))
 
 
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_averaging_over_ranks_in_the_clipping_call(
+    kernel: native.TanhRecurrenceKernel, world: int
+) -> None:
+    """``average_clip_sgd`` on every rank's gradients (rows of shared slots, padded) computes
+    what DDP's pre-divided all-reduce in rank order and then ``clip_sgd`` compute, bit for bit:
+    the norm, the averaged and clipped gradients, the new parameters."""
+    torch.manual_seed(9)
+    shapes = [(28, 256), (256, 256), (256,), (256,), (28, 256), (28,), (3,)]
+    total = sum(torch.Size(shape).numel() for shape in shapes)
+    slots = torch.randn(world, total + 5) * 0.3
+    params = [torch.randn(shape) for shape in shapes]
+
+    def leaves() -> list[torch.Tensor]:
+        return [p.clone().requires_grad_(True) for p in params]
+
+    ours, theirs = leaves(), leaves()
+    sizes = [p.numel() for p in params]
+    averaged = torch.div(slots[0, :total], world)  # DDP's hook: divide, then sum in rank order
+    for rank in range(1, world):
+        averaged += torch.div(slots[rank, :total], world)
+    for leaf, grad in zip(theirs, averaged.split(sizes), strict=True):
+        leaf.grad = grad.view_as(leaf).clone()
+    for leaf, view in zip(ours, torch.zeros(total).split(sizes), strict=True):
+        leaf.grad = view.view_as(leaf)  # one flat buffer, as CompiledStep's
+    norm = kernel.average_clip_sgd(slots, ours, 0.5, lr=0.5)
+    expected = kernel.clip_sgd(theirs, 0.5, lr=0.5)
+    assert expected is not None and torch.equal(norm, expected)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.grad is not None and b.grad is not None
+        assert torch.equal(a.grad, b.grad) and torch.equal(a.detach(), b.detach())
+    with pytest.raises(ValueError, match="slots must be float32 CPU rows"):
+        kernel.average_clip_sgd(slots[:, : total - 1], ours, 0.5, lr=0.5)
+
+
 @pytest.mark.parametrize(
     "vocab, hidden, rows, threads",
     [(28, 256, 32, 2), (5, 37, 3, 1), (70, 64, 9, 3)],  # 70: b_ih's sum in two levels

@@ -26,6 +26,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,6 +88,10 @@ class TanhRecurrenceKernel:
         library.rnnlm_linear_cross_entropy.restype = ctypes.c_int
         library.rnnlm_clip_sgd.argtypes = [ctypes.c_int, *ptrs * 4, ctypes.c_float, ctypes.c_float]
         library.rnnlm_clip_sgd.restype = None
+        library.rnnlm_average_clip_sgd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
+        library.rnnlm_average_clip_sgd.argtypes += [ctypes.c_int, *ptrs * 4]
+        library.rnnlm_average_clip_sgd.argtypes += [ctypes.c_float, ctypes.c_float]
+        library.rnnlm_average_clip_sgd.restype = None
         library.rnnlm_rnn_train_step.argtypes = [*ints, ctypes.c_int, ctypes.c_int]
         library.rnnlm_rnn_train_step.argtypes += [*ptrs * 17, ctypes.c_int]
         library.rnnlm_rnn_train_step.restype = ctypes.c_int
@@ -255,25 +260,34 @@ class TanhRecurrenceKernel:
         None, with nothing changed, unless every parameter and its gradient are contiguous
         float32 CPU tensors of the same size (the caller then takes the framework's way)."""
         pairs = [(p, p.grad) for p in params if p.grad is not None]
-        for p, g in pairs:
-            ok = p.dtype == g.dtype == torch.float32 and p.device.type == g.device.type == "cpu"
-            if not (ok and p.is_contiguous() and g.is_contiguous() and p.shape == g.shape):
-                return None
-        count = len(pairs)
-        pointers = ctypes.c_void_p * count
+        if not all(_steppable(p, g) for p, g in pairs):
+            return None
         norm = torch.empty(())
-        self._lib.rnnlm_clip_sgd(
-            count,
-            pointers(*(p.data_ptr() for p, _ in pairs)),
-            pointers(*(g.data_ptr() for _, g in pairs)),
-            (ctypes.c_int64 * count)(*(p.numel() for p, _ in pairs)),
-            _ptr(norm),
-            max_norm,
-            lr,
+        self._lib.rnnlm_clip_sgd(len(pairs), *_step_arguments(pairs), _ptr(norm), max_norm, lr)
+        increment_version([t for pair in pairs for t in pair])  # written behind autograd's back
+        return norm
+
+    def average_clip_sgd(
+        self, slots: Tensor, params: Sequence[Tensor], max_norm: float, lr: float
+    ) -> Tensor:
+        """:meth:`clip_sgd` on the average over ranks of the gradients in ``slots`` (world, n):
+        row r holds rank r's gradients of ``params``, one after another, as a flat gradient
+        buffer does. Every ``p.grad`` is first set to the average, summed in rank order (so
+        every rank gets the same bits), then clipped; the parameters take the step."""
+        pairs = [(p, p.grad) for p in params]
+        if not all(g is not None and _steppable(p, g) for p, g in pairs):
+            raise ValueError("average_clip_sgd needs contiguous float32 CPU parameters and grads")
+        total = sum(p.numel() for p in params)
+        ok = slots.dtype == torch.float32 and slots.device.type == "cpu" and slots.dim() == 2
+        if not (ok and slots.stride(1) == 1 and slots.shape[1] >= total):
+            raise ValueError(f"slots must be float32 CPU rows of at least {total} values")
+        world, stride = slots.shape[0], slots.stride(0)
+        norm = torch.empty(())
+        arrays = _step_arguments(pairs)
+        self._lib.rnnlm_average_clip_sgd(
+            world, _ptr(slots), stride, len(pairs), *arrays, _ptr(norm), max_norm, lr
         )
-        for p, g in pairs:  # written in place behind autograd's back: say so, as add_ would
-            increment_version(p)
-            increment_version(g)
+        increment_version([t for pair in pairs for t in pair if t is not None])
         return norm
 
     def _threads(self) -> int:
@@ -423,6 +437,25 @@ def _cpu_flags() -> frozenset[str]:
 
 def _ptr(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
+
+
+def _steppable(param: Tensor, grad: Tensor | None) -> bool:
+    """Whether the clipping and SGD step can write ``param`` and its ``grad`` in place."""
+    if grad is None or param.dtype != torch.float32 or grad.dtype != torch.float32:
+        return False
+    on_cpu = param.device.type == grad.device.type == "cpu"
+    return on_cpu and param.is_contiguous() and grad.is_contiguous() and param.shape == grad.shape
+
+
+def _step_arguments(pairs: Sequence[tuple[Tensor, Tensor | None]]) -> tuple[Any, Any, Any]:
+    """The C step's parameter pointers, gradient pointers and sizes, as ctypes arrays."""
+    count = len(pairs)
+    pointers = ctypes.c_void_p * count
+    return (
+        pointers(*(p.data_ptr() for p, _ in pairs)),
+        pointers(*(_ptr(g) for _, g in pairs)),
+        (ctypes.c_int64 * count)(*(p.numel() for p, _ in pairs)),
+    )
 
 
 def _check_shapes(tensors: tuple[Tensor, ...], shapes: list[tuple[int, ...]]) -> None:

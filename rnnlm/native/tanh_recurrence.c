@@ -570,31 +570,34 @@ int rnnlm_linear_cross_entropy(int rows, int hidden, int classes, const float *x
     return status;
 }
 
-/* d2l's gradient clipping and the SGD step, in one pass over `count` parameters: norm = the L2
- * norm of all gradients together, scale = max_norm / norm clamped at 1 (NaN stays NaN, as in the
- * framework's clamp); then every gradient g *= scale and its parameter p -= lr * g. The norm
- * before clipping goes to *norm_out. The squares are summed in double, in 16 lanes (element i
- * into lane i % 16) added up in a fixed order, the same in both builds. The framework took ~15
- * operations for this: 0.3 ms of a 6 ms step (Zen 3). */
-void rnnlm_clip_sgd(int count, float *const *params, float *const *grads, const int64_t *sizes,
-                    float *norm_out, float max_norm, float lr) {
-    __m256d lanes[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(),
-                        _mm256_setzero_pd()};
-    double tail = 0.0;
-    for (int t = 0; t < count; t++) {
-        const float *g = grads[t];
-        int64_t i = 0;
-        for (; i + 16 <= sizes[t]; i += 16)
-            for (int q = 0; q < 4; q++) {
-                __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(g + i + 4 * q));
-                lanes[q] = _mm256_add_pd(lanes[q], _mm256_mul_pd(v, v));
-            }
-        for (; i < sizes[t]; i++) tail += (double)g[i] * g[i];
-    }
-    double sums[16];
-    for (int q = 0; q < 4; q++) _mm256_storeu_pd(sums + 4 * q, lanes[q]);
-    double squares = tail;
-    for (int q = 0; q < 16; q++) squares += sums[q];
+/* The squares of a clipping norm, summed in double in 16 lanes (element i of each gradient into
+ * lane i % 16, the rest of a gradient shorter than a multiple of 16 into *tail), the same in both
+ * builds. */
+typedef struct {
+    __m256d lanes[4];
+    double tail;
+} squares_sum;
+
+static void add_squares(squares_sum *sum, const float *g, int64_t size) {
+    int64_t i = 0;
+    for (; i + 16 <= size; i += 16)
+        for (int q = 0; q < 4; q++) {
+            __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(g + i + 4 * q));
+            sum->lanes[q] = _mm256_add_pd(sum->lanes[q], _mm256_mul_pd(v, v));
+        }
+    for (; i < size; i++) sum->tail += (double)g[i] * g[i];
+}
+
+/* The clipping and the step once the squares are summed: norm = their square root, scale =
+ * max_norm / norm clamped at 1 (NaN stays NaN, as in the framework's clamp); then every gradient
+ * g *= scale and its parameter p -= lr * g. The norm before clipping goes to *norm_out. */
+static void clip_and_step(const squares_sum *sum, int count, float *const *params,
+                          float *const *grads, const int64_t *sizes, float *norm_out,
+                          float max_norm, float lr) {
+    double lanes[16];
+    for (int q = 0; q < 4; q++) _mm256_storeu_pd(lanes + 4 * q, sum->lanes[q]);
+    double squares = sum->tail;
+    for (int q = 0; q < 16; q++) squares += lanes[q];
     const float norm = (float)sqrt(squares);
     float scale = max_norm / norm;
     if (scale > 1.0f) scale = 1.0f;
@@ -613,6 +616,54 @@ void rnnlm_clip_sgd(int count, float *const *params, float *const *grads, const 
         }
     }
     *norm_out = norm;
+}
+
+/* d2l's gradient clipping and the SGD step, in one call over `count` parameters: norm = the L2
+ * norm of all gradients together, then as clip_and_step. The framework took ~15 operations for
+ * this: 0.3 ms of a 6 ms step (Zen 3). */
+void rnnlm_clip_sgd(int count, float *const *params, float *const *grads, const int64_t *sizes,
+                    float *norm_out, float max_norm, float lr) {
+    squares_sum sum = {{_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(),
+                        _mm256_setzero_pd()},
+                       0.0};
+    for (int t = 0; t < count; t++) add_squares(&sum, grads[t], sizes[t]);
+    clip_and_step(&sum, count, params, grads, sizes, norm_out, max_norm, lr);
+}
+
+/* rnnlm_clip_sgd on the average of `world` ranks' gradients: rank r's lie at
+ * slots + r * slot_stride, every parameter's after the one before (in the order of `params`).
+ * Each gradient is first set to slot_0 / world + slot_1 / world + ... in rank order, the
+ * additions of DDP's all-reduce of pre-divided gradients (torch.div's exact division), so every
+ * rank gets the same bits, and the averaging, the norm's squares and the step are three passes
+ * over the gradients instead of four and three calls. */
+void rnnlm_average_clip_sgd(int world, const float *slots, int64_t slot_stride, int count,
+                            float *const *params, float *const *grads, const int64_t *sizes,
+                            float *norm_out, float max_norm, float lr) {
+    squares_sum sum = {{_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(),
+                        _mm256_setzero_pd()},
+                       0.0};
+    const float world_f = (float)world;
+    const vec world_v = v_set1(world_f);
+    int64_t offset = 0;
+    for (int t = 0; t < count; t++) {
+        const float *first = slots + offset;
+        float *g = grads[t];
+        int64_t i = 0;
+        for (; i + VL <= sizes[t]; i += VL) {
+            vec acc = v_div(v_load(first + i), world_v);
+            for (int r = 1; r < world; r++)
+                acc = v_add(acc, v_div(v_load(first + r * slot_stride + i), world_v));
+            v_store(g + i, acc);
+        }
+        for (; i < sizes[t]; i++) {
+            float acc = first[i] / world_f;
+            for (int r = 1; r < world; r++) acc += first[r * slot_stride + i] / world_f;
+            g[i] = acc;
+        }
+        add_squares(&sum, g, sizes[t]);
+        offset += sizes[t];
+    }
+    clip_and_step(&sum, count, params, grads, sizes, norm_out, max_norm, lr);
 }
 
 /* One training step of the chapter's model (one tanh layer, the output layer, the mean

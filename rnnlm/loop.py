@@ -25,6 +25,7 @@ from rnnlm.batching import Minibatch
 from rnnlm.distributed import DistInfo, SumOverRanks, all_reduce_sum
 from rnnlm.errors import UserError
 from rnnlm.model import RNNLM, State, detach_state
+from rnnlm.native import ClipSGDCall, TrainStepCall
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,16 @@ class CompiledStep:
         self.flat_grads = torch.zeros(sum(p.numel() for p in self.params))
         self.grads = self._views(self.flat_grads)
         self.kernel_grads = [self.grads[p] for p in self.kernel_order]
-        self._slot_grads: dict[int, list[Tensor]] = {}  # kernel_grads in each shared slot
+        assert module.kernel is not None
+        for p in self.params:
+            p.grad = self.grads[p]
+        # The kernel's calls for these tensors, checked and gathered once.
+        self.train_call = TrainStepCall(module.kernel, self.kernel_order)
+        self.into_flat = self.train_call.add_gradients(self.kernel_grads)
+        clip_call = ClipSGDCall.of(module.kernel, self.params)
+        assert clip_call is not None  # can_run checked what it needs
+        self.clip_call = clip_call
+        self._into_slot: dict[int, int] = {}  # a shared slot's address -> its gradients' set
 
     def _views(self, flat: Tensor) -> dict[Tensor, Tensor]:
         """Each parameter's gradient as a view of ``flat``, in the order of ``self.params``."""
@@ -212,33 +222,32 @@ class CompiledStep:
         )
 
     def __call__(self, x: Tensor, y: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
-        kernel = self.module.kernel
-        assert kernel is not None and isinstance(state, Tensor)
+        assert isinstance(state, Tensor)
         for p in self.params:  # where they were set to None (zero_grad), they come back
-            p.grad = self.grads[p]
+            if p.grad is not self.grads[p]:
+                p.grad = self.grads[p]
         h_last = torch.empty_like(state)
         ids, targets = x.long().contiguous(), y.long().contiguous()
         h0 = state[0].contiguous()
         numel, lr = self.flat_grads.numel(), self.optimizer.param_groups[0]["lr"]
-        raw = self.kernel_grads if self.shared is None else self._in_slot(self.shared, numel)
-        loss = kernel.rnn_train_step(ids, targets, h0, self.kernel_order, raw, h_last[0])
+        into = self.into_flat if self.shared is None else self._in_slot(self.shared, numel)
+        loss = self.train_call(ids, targets, h0, h_last[0], into)
         if self.shared is not None:
-            norm = kernel.average_clip_sgd(self.shared.gather(numel), self.params, self.clip, lr)
-            return loss, norm, h_last
+            slots = self.shared.gather(numel)
+            return loss, self.clip_call.average_clip_sgd(slots, self.clip, lr), h_last
         if self.average is not None:
             self.average(self.flat_grads)
-        clipped = kernel.clip_sgd(self.params, self.clip, lr)
-        assert clipped is not None  # can_run checked what clip_sgd needs
-        return loss, clipped, h_last
+        return loss, self.clip_call.clip_sgd(self.clip, lr), h_last
 
-    def _in_slot(self, shared: SharedGradients, numel: int) -> list[Tensor]:
-        """The kernel's gradient outputs in this rank's next shared slot (two slots take
-        turns, so their views are built once)."""
+    def _in_slot(self, shared: SharedGradients, numel: int) -> int:
+        """The kernel's gradient set in this rank's next shared slot (two slots take turns, so
+        each is set up once)."""
         slot = shared.own_slot(numel)
-        if slot.data_ptr() not in self._slot_grads:
+        if slot.data_ptr() not in self._into_slot:
             views = self._views(slot)
-            self._slot_grads[slot.data_ptr()] = [views[p] for p in self.kernel_order]
-        return self._slot_grads[slot.data_ptr()]
+            grads = [views[p] for p in self.kernel_order]
+            self._into_slot[slot.data_ptr()] = self.train_call.add_gradients(grads)
+        return self._into_slot[slot.data_ptr()]
 
 
 def default_step(model: nn.Module, module: RNNLM, optimizer: Optimizer, clip: float) -> Step:

@@ -444,6 +444,28 @@ def test_compiled_step_refuses_ids_and_targets_outside_the_vocabulary(
     )
 
 
+def test_prepared_calls_refuse_moved_storage(kernel: native.TanhRecurrenceKernel) -> None:
+    """The calls set up once for a step write through the pointers they gathered: a parameter
+    or gradient given new storage since is refused, with nothing written."""
+    torch.manual_seed(6)
+    module = RNNLM(ModelConfig(28, num_hiddens=16))
+    module.kernel = kernel
+    step = CompiledStep(module, SGD(module.parameters(), 1.0), 1.0)
+    x = torch.randint(0, 28, (4, 6))
+    step(x, x, module.begin_state(4))
+    weight = module.linear.weight
+    weight.data = weight.data.clone()  # the old storage may be freed and reused
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match="storage moved"):
+        step(x, x, module.begin_state(4))
+    assert all(torch.equal(p, b) for p, b in zip(module.parameters(), before, strict=True))
+    clip = native.ClipSGDCall.of(kernel, list(module.parameters()))
+    assert clip is not None
+    weight.grad = weight.grad.clone()  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="storage moved"):
+        clip.clip_sgd(1.0, 0.5)
+
+
 def test_lookup_inside_the_recurrence(kernel: native.TanhRecurrenceKernel) -> None:
     """Given ids, the kernel looks the first layer's inputs up in the table itself: the same
     bits as looking them up first (``F.embedding``) for the outputs and every other gradient,

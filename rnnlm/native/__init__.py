@@ -26,7 +26,6 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -224,48 +223,17 @@ class TanhRecurrenceKernel:
         one-layer ``nn.RNN``'s) and the output layer's W, b, and ``grads`` receives their
         gradients of the mean cross-entropy; ``h_last`` (B, H) receives h_T. Returns the loss
         (a 0-dim tensor). Computes what the model's compiled path and autograd compute, bit for
-        bit."""
-        batch, steps = ids.shape
-        w_ih, _, _, _, w_out, _ = params
-        hidden, vocab = w_ih.shape
-        classes = w_out.shape[0]
-        shapes = [(hidden, vocab), (hidden,), (hidden, hidden), (hidden,), (classes, hidden)]
-        shapes.append((classes,))
-        _check_shapes((*params, *grads), shapes * 2)
-        _check_shapes((h0, h_last), [(batch, hidden)] * 2)
-        _check_indices("ids", ids, (batch, steps))
-        _check_indices("targets", targets, (batch, steps))
-        mean, grad_table = h0.new_empty(()), h0.new_empty(vocab, hidden)
-        status = self._lib.rnnlm_rnn_train_step(
-            steps,
-            batch,
-            hidden,
-            vocab,
-            classes,
-            *map(_ptr, (ids, targets, h0, *params, h_last, mean, grad_table, grads[0], *grads[2:])),
-            self._threads(),
-        )
-        if status == -2:
-            raise IndexError(f"an id is outside [0, {vocab})")
-        if status == -3:
-            raise IndexError(f"a target is outside [0, {classes})")
-        _check(status)
-        # b_ih's gradient as autograd sums it from the table's (the order sets the bits)
-        torch.sum(grad_table, dim=0, out=grads[1])
-        return mean
+        bit. (:class:`TrainStepCall` makes the same call for fixed parameters.)"""
+        call = TrainStepCall(self, params)
+        return call(ids, targets, h0, h_last, call.add_gradients(grads))
 
     def clip_sgd(self, params: Sequence[Tensor], max_norm: float, lr: float) -> Tensor | None:
         """d2l's gradient clipping (to the global L2 norm ``max_norm``), then the SGD step
         ``p -= lr * grad``, in one call; returns the norm before clipping (a 0-dim tensor).
         None, with nothing changed, unless every parameter and its gradient are contiguous
         float32 CPU tensors of the same size (the caller then takes the framework's way)."""
-        pairs = [(p, p.grad) for p in params if p.grad is not None]
-        if not all(_steppable(p, g) for p, g in pairs):
-            return None
-        norm = torch.empty(())
-        self._lib.rnnlm_clip_sgd(len(pairs), *_step_arguments(pairs), _ptr(norm), max_norm, lr)
-        increment_version([t for pair in pairs for t in pair])  # written behind autograd's back
-        return norm
+        call = ClipSGDCall.of(self, [p for p in params if p.grad is not None])
+        return None if call is None else call.clip_sgd(max_norm, lr)
 
     def average_clip_sgd(
         self, slots: Tensor, params: Sequence[Tensor], max_norm: float, lr: float
@@ -274,24 +242,134 @@ class TanhRecurrenceKernel:
         row r holds rank r's gradients of ``params``, one after another, as a flat gradient
         buffer does. Every ``p.grad`` is first set to the average, summed in rank order (so
         every rank gets the same bits), then clipped; the parameters take the step."""
-        pairs = [(p, p.grad) for p in params]
-        if not all(g is not None and _steppable(p, g) for p, g in pairs):
+        call = ClipSGDCall.of(self, params)
+        if call is None or len(call.params) != len(params):
             raise ValueError("average_clip_sgd needs contiguous float32 CPU parameters and grads")
-        total = sum(p.numel() for p in params)
-        ok = slots.dtype == torch.float32 and slots.device.type == "cpu" and slots.dim() == 2
-        if not (ok and slots.stride(1) == 1 and slots.shape[1] >= total):
-            raise ValueError(f"slots must be float32 CPU rows of at least {total} values")
-        world, stride = slots.shape[0], slots.stride(0)
-        norm = torch.empty(())
-        arrays = _step_arguments(pairs)
-        self._lib.rnnlm_average_clip_sgd(
-            world, _ptr(slots), stride, len(pairs), *arrays, _ptr(norm), max_norm, lr
-        )
-        increment_version([t for pair in pairs for t in pair if t is not None])
-        return norm
+        return call.average_clip_sgd(slots, max_norm, lr)
 
     def _threads(self) -> int:
         return self.threads or torch.get_num_threads()
+
+
+class TrainStepCall:
+    """:meth:`TanhRecurrenceKernel.rnn_train_step` for fixed parameters (and gradient buffers
+    registered with :meth:`add_gradients`): their checks and pointers done once, not every
+    step, where they were ~0.05 ms of Python of a 2.5-5 ms step. The parameters must keep their
+    storage: a moved one is refused rather than written through a stale pointer."""
+
+    def __init__(self, kernel: TanhRecurrenceKernel, params: Sequence[Tensor]) -> None:
+        w_ih, _, _, _, w_out, _ = params
+        (hidden, vocab), classes = w_ih.shape, w_out.shape[0]
+        self.shapes = [(hidden, vocab), (hidden,), (hidden, hidden), (hidden,), (classes, hidden)]
+        self.shapes.append((classes,))
+        _check_shapes(tuple(params), self.shapes)
+        self.kernel, self.params = kernel, list(params)
+        self.hidden, self.vocab, self.classes = hidden, vocab, classes
+        self.pointers = [p.data_ptr() for p in params]
+        self.grad_table = w_ih.new_empty(vocab, hidden)  # b_ih's gradient is summed from it
+        self.gradients: list[tuple[list[Tensor], list[int]]] = []
+
+    def add_gradients(self, grads: Sequence[Tensor]) -> int:
+        """Check a set of gradient buffers (the parameters' order and shapes); its handle."""
+        _check_shapes(tuple(grads), self.shapes)
+        self.gradients.append((list(grads), [g.data_ptr() for g in grads]))
+        return len(self.gradients) - 1
+
+    def __call__(
+        self, ids: Tensor, targets: Tensor, h0: Tensor, h_last: Tensor, grads: int
+    ) -> Tensor:
+        """The step with the gradients into set ``grads``; returns the loss."""
+        batch, steps = ids.shape
+        _check_shapes((h0, h_last), [(batch, self.hidden)] * 2)
+        _check_indices("ids", ids, (batch, steps))
+        _check_indices("targets", targets, (batch, steps))
+        buffers, grad_pointers = self.gradients[grads]
+        if [p.data_ptr() for p in self.params] != self.pointers:
+            raise ValueError("a parameter's storage moved since the step was set up")
+        mean = h0.new_empty(())
+        status = self.kernel._lib.rnnlm_rnn_train_step(
+            steps,
+            batch,
+            self.hidden,
+            self.vocab,
+            self.classes,
+            ids.data_ptr(),
+            targets.data_ptr(),
+            h0.data_ptr(),
+            *self.pointers,
+            h_last.data_ptr(),
+            mean.data_ptr(),
+            self.grad_table.data_ptr(),
+            grad_pointers[0],
+            *grad_pointers[2:],
+            self.kernel._threads(),
+        )
+        if status == -2:
+            raise IndexError(f"an id is outside [0, {self.vocab})")
+        if status == -3:
+            raise IndexError(f"a target is outside [0, {self.classes})")
+        _check(status)
+        # b_ih's gradient as autograd sums it from the table's (the order sets the bits)
+        torch.sum(self.grad_table, dim=0, out=buffers[1])
+        return mean
+
+
+class ClipSGDCall:
+    """The clipping and SGD calls for fixed parameters and their (fixed) ``.grad`` tensors,
+    checked and gathered once; a parameter or gradient whose storage moved is refused."""
+
+    @staticmethod
+    def of(kernel: TanhRecurrenceKernel, params: Sequence[Tensor]) -> ClipSGDCall | None:
+        """The call for ``params``, or None unless every one and its gradient are contiguous
+        float32 CPU tensors of the same shape."""
+        if all(_steppable(p, p.grad) for p in params):
+            return ClipSGDCall(kernel, params)
+        return None
+
+    def __init__(self, kernel: TanhRecurrenceKernel, params: Sequence[Tensor]) -> None:
+        """Takes steppable parameters (see :meth:`of`)."""
+        self.kernel, self.params = kernel, list(params)
+        self.grads = [p.grad for p in params]
+        self.total = sum(p.numel() for p in params)
+        self.pointers = self._pointers()
+        count = len(self.params)
+        pointer_array = ctypes.c_void_p * count
+        self.arguments = (
+            count,
+            pointer_array(*self.pointers[:count]),
+            pointer_array(*self.pointers[count:]),
+            (ctypes.c_int64 * count)(*(p.numel() for p in self.params)),
+        )
+        self.touched = [*self.params, *(g for g in self.grads if g is not None)]
+
+    def _pointers(self) -> list[int | None]:
+        return [*(p.data_ptr() for p in self.params), *(_ptr(p.grad) for p in self.params)]
+
+    def _checked(self) -> None:
+        if self._pointers() != self.pointers:
+            raise ValueError("a parameter's or gradient's storage moved since the call was set up")
+
+    def clip_sgd(self, max_norm: float, lr: float) -> Tensor:
+        """:meth:`TanhRecurrenceKernel.clip_sgd`."""
+        self._checked()
+        norm = torch.empty(())
+        self.kernel._lib.rnnlm_clip_sgd(*self.arguments, norm.data_ptr(), max_norm, lr)
+        increment_version(self.touched)  # written in place behind autograd's back
+        return norm
+
+    def average_clip_sgd(self, slots: Tensor, max_norm: float, lr: float) -> Tensor:
+        """:meth:`TanhRecurrenceKernel.average_clip_sgd`."""
+        ok = slots.dtype == torch.float32 and slots.device.type == "cpu" and slots.dim() == 2
+        if not (ok and slots.stride(1) == 1 and slots.shape[1] >= self.total):
+            raise ValueError(f"slots must be float32 CPU rows of at least {self.total} values")
+        self._checked()
+        norm = torch.empty(())
+        world, stride = slots.shape[0], slots.stride(0)
+        self.kernel._lib.rnnlm_average_clip_sgd(
+            world, slots.data_ptr(), stride, *self.arguments, norm.data_ptr(), max_norm, lr
+        )
+        increment_version(self.touched)
+        return norm
 
 
 def wrong_platform() -> str | None:
@@ -445,17 +523,6 @@ def _steppable(param: Tensor, grad: Tensor | None) -> bool:
         return False
     on_cpu = param.device.type == grad.device.type == "cpu"
     return on_cpu and param.is_contiguous() and grad.is_contiguous() and param.shape == grad.shape
-
-
-def _step_arguments(pairs: Sequence[tuple[Tensor, Tensor | None]]) -> tuple[Any, Any, Any]:
-    """The C step's parameter pointers, gradient pointers and sizes, as ctypes arrays."""
-    count = len(pairs)
-    pointers = ctypes.c_void_p * count
-    return (
-        pointers(*(p.data_ptr() for p, _ in pairs)),
-        pointers(*(_ptr(g) for _, g in pairs)),
-        (ctypes.c_int64 * count)(*(p.numel() for p, _ in pairs)),
-    )
 
 
 def _check_shapes(tensors: tuple[Tensor, ...], shapes: list[tuple[int, ...]]) -> None:

@@ -20,6 +20,8 @@ Ratios are against the chapter's loop (:mod:`rnnlm.reference`: one-hot input, ``
 and paired (per repetition, median of the ratios). The full run also times the chapter's whole
 result (500 epochs, perplexity <= 1.4) from command to exit, with tracking on again beside the
 untracked job (its training tokens/s over the whole run), and greedy sampling in characters/s.
+2 ranks against 1 rank are also measured with the machine's drift taken out, their epochs
+interleaved in one torchrun job (``benchmarks/bench_scaling.py``).
 
 The chapter's configuration throughout: RNN, 256 hidden, global batch 32, 35 steps, the first
 10,000 tokens of The Time Machine. Thread settings are each command's defaults (torch uses every
@@ -354,6 +356,27 @@ def job_configs(corpus: Path, epochs: int, help_text: str) -> tuple[list[Config]
     return configs, notes
 
 
+def interleaved_scaling(corpus: Path, rounds: int, scratch: Path) -> dict[str, Any] | None:
+    """benchmarks/bench_scaling.py: 2 ranks against 1 rank with the drift taken out (each round's
+    two halves a fraction of a second apart); None, with the reason printed, if it failed."""
+    out = scratch / "scaling.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node=2", str(ROOT / "benchmarks" / "bench_scaling.py")]
+    command += ["--corpus", str(corpus), "--rounds", str(rounds), "--out", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, env=base_env(), capture_output=True, text=True)
+    if proc.returncode != 0 or not out.is_file():
+        print(f"  FAILED: {proc.stderr[-2000:]}")
+        return None
+    result: dict[str, Any] = json.loads(out.read_text())
+    ratio = result["ratio_2_ranks_vs_1_rank_per_round"]
+    rates = {name: f"{r['median']:,.0f}" for name, r in result["tokens_per_s"].items()}
+    print(f"  tokens/s medians {rates}")
+    print(
+        f"  ratio per round: median {ratio['median']:.3f} [{ratio['min']:.2f}-{ratio['max']:.2f}]"
+    )
+    return result
+
+
 def bench_sampling(corpus: Path, num_chars: int, reps: int) -> dict[str, Any]:
     """Greedy characters/s: the chapter's predict_ch8 (one prefix) vs rnnlm.generate (one
     prefix, and 64 prefixes at once). Untrained weights: greedy speed does not depend on them."""
@@ -610,6 +633,9 @@ def main(argv: list[str] | None = None) -> None:
         run_repetitions(configs, reps, Path(scratch), args.timeout)
         result["training"] = report_configs(configs)
         print_table(result["training"])
+        rounds = 6 if args.quick else 40
+        print(f"\n2 ranks vs 1 rank, epochs interleaved in one torchrun job ({rounds} rounds)")
+        result["scaling_interleaved"] = interleaved_scaling(args.corpus, rounds, Path(scratch))
         print("\nsampling (greedy, characters/s)")
         result["sampling"] = bench_sampling(args.corpus, 100 if args.quick else 500, reps)
         for name, s in result["sampling"]["chars_per_s"].items():

@@ -243,7 +243,7 @@ class TanhRecurrenceKernel:
         buffer does. Every ``p.grad`` is first set to the average, summed in rank order (so
         every rank gets the same bits), then clipped; the parameters take the step."""
         call = ClipSGDCall.of(self, params)
-        if call is None or len(call.params) != len(params):
+        if call is None:
             raise ValueError("average_clip_sgd needs contiguous float32 CPU parameters and grads")
         return call.average_clip_sgd(slots, max_norm, lr)
 

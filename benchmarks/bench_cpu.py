@@ -469,9 +469,9 @@ def report_configs(configs: list[Config]) -> dict[str, Any]:
         shares = [r.background_cpu_share for r in ok if r.background_cpu_share is not None]
         if shares:
             entry["background_cpu_share"] = summary(shares)
-        versus = ratios(rates_of(config), base_rates)
-        if versus:
-            entry["ratio_vs_chapter_of_medians"], entry["ratio_vs_chapter_paired"] = versus
+        against_chapter = ratios(rates_of(config), base_rates)
+        if against_chapter:
+            entry["ratio_vs_chapter_of_medians"], entry["ratio_vs_chapter_paired"] = against_chapter
         out[config.name] = entry
 
     def versus(top: str, bottom: str) -> tuple[float, Any] | None:
@@ -501,8 +501,11 @@ def report_configs(configs: list[Config]) -> dict[str, Any]:
             [r.background_cpu_share for r in by_name[name].runs if r.ok]
             for name in ("ours_1proc_tracking", "ours_1proc")
         )
-        if all(x is not None for x in on + off) and on and off:
-            scaling["tracking_cpu_share"] = statistics.median(on) - statistics.median(off)
+        known_on, known_off = ([x for x in xs if x is not None] for xs in (on, off))
+        if on and off and len(known_on) == len(on) and len(known_off) == len(off):
+            scaling["tracking_cpu_share"] = statistics.median(known_on) - statistics.median(
+                known_off
+            )
     out["_derived"] = scaling
     return out
 

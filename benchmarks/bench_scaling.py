@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import random
-import statistics
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
+from benchmarks.bench_cpu import summary  # noqa: E402
 from rnnlm import pipeline, shm_allreduce  # noqa: E402
 from rnnlm.batching import epoch_batches  # noqa: E402
 from rnnlm.config import TrainConfig  # noqa: E402
@@ -95,15 +95,6 @@ class Trainer:
             tokens += stats.num_tokens
             seconds += stats.seconds
         return tokens, seconds
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
 
 
 def main() -> None:

@@ -243,11 +243,12 @@ class CompiledStep:
         """The kernel's gradient set in this rank's next shared slot (two slots take turns, so
         each is set up once)."""
         slot = shared.own_slot(numel)
-        if slot.data_ptr() not in self._into_slot:
+        address = slot.data_ptr()
+        if address not in self._into_slot:
             views = self._views(slot)
             grads = [views[p] for p in self.kernel_order]
-            self._into_slot[slot.data_ptr()] = self.train_call.add_gradients(grads)
-        return self._into_slot[slot.data_ptr()]
+            self._into_slot[address] = self.train_call.add_gradients(grads)
+        return self._into_slot[address]
 
 
 def default_step(model: nn.Module, module: RNNLM, optimizer: Optimizer, clip: float) -> Step:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from rnnlm.batching import epoch_batches
 from rnnlm.config import ModelConfig
 from rnnlm.corpus import load_tokens
 from rnnlm.distributed import DistInfo
-from rnnlm.generate import generate
+from rnnlm.generate import OneLayerTanhSteps, generate
 from rnnlm.loop import SGD, train_epoch
 from rnnlm.model import RNNLM
 from rnnlm.vocab import Vocab
@@ -162,6 +163,37 @@ def test_greedy_generation_equals_predict_ch8(
     chapter = [reference.predict_ch8(p, 100, net, vocab, torch.device("cpu")) for p in prefixes]
     assert ours == chapter
     assert len(set(ours[0][len(prefixes[0]) :])) >= 3  # words, not one repeated character
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_generation_steps_compute_the_modules_bits(
+    batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Generation's own step for the chapter's model gives the logits and state of the module's
+    one-step forward, bit for bit, character after character (weights scaled up so that the
+    state leaves tanh's linear range); so greedy and seeded sampled text are the texts of
+    stepping the module."""
+    torch.manual_seed(4)
+    module = RNNLM(ModelConfig(28))
+    with torch.no_grad():
+        for param in module.parameters():
+            param.mul_(3)
+    step = OneLayerTanhSteps(module)
+    ours = theirs = torch.randn(1, batch, 256) * 0.5
+    x = torch.randint(0, 28, (batch, 1))
+    with torch.no_grad():
+        for _ in range(40):
+            logits, ours = step(x, ours)
+            expected, theirs = module(x, theirs)
+            assert torch.equal(logits, expected) and torch.equal(ours, theirs)
+            x = logits.argmax(dim=1).reshape(-1, 1)
+
+    vocab = Vocab.build(list("abcdefghijklmnopqrstuvwxyz "))
+    prefixes = ["the time machine"[: 1 + i % 16] for i in range(batch)]
+    kinds: list[dict[str, Any]] = [{}, {"temperature": 0.8, "top_k": 5, "seed": 3}]
+    texts = [generate(module, vocab, prefixes, 60, **kind) for kind in kinds]
+    monkeypatch.setattr(OneLayerTanhSteps, "applies", staticmethod(lambda *_: False))
+    assert texts == [generate(module, vocab, prefixes, 60, **kind) for kind in kinds]
 
 
 @pytest.mark.parametrize("config", [ModelConfig(28, cell="gru"), ModelConfig(28, cell="lstm")])

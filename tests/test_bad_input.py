@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
+from jobs import common
+from rnnlm.errors import FlagError
 from tests.conftest import run_job
 
 
@@ -83,6 +86,21 @@ def test_batch_not_divisible_by_ranks(corpus_path: Path, tmp_path: Path) -> None
         "pass a multiple of 2 (e.g. 32)."
     ]
     assert not out.exists()
+
+
+def test_a_mistake_on_one_rank_alone_is_still_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank other than 0 leaves the report to rank 0 (whose exit ends the job), but says the
+    mistake itself once its wait is over: then rank 0 did not make it."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(common, "PEER_REPORT_WAIT_S", 0.0)
+    previous = signal.getsignal(signal.SIGTERM)  # the wait takes the default SIGTERM action
+    try:
+        with pytest.raises(common.JobError) as refused, common.user_errors():
+            raise FlagError("--corpus", "no such file on this host; pass a path every rank has.")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert refused.value.exit_code == common.EXIT_USER_ERROR
+    assert refused.value.format_message().startswith("--corpus: no such file")
 
 
 def test_short_corpus_across_ranks(corpus_path: Path, tmp_path: Path) -> None:

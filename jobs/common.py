@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -39,16 +40,29 @@ def setup_logging(rank: int, is_main: bool) -> None:
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Show a user's mistake as ``Error: <one line>`` and exit 2, never as a traceback."""
+def user_errors(ranked: bool = True) -> Iterator[None]:
+    """Show a user's mistake as ``Error: <one line>`` and exit 2, never as a traceback.
+    ``ranked``: the command runs as one of torchrun's ranks (see :func:`_leave_it_to_rank_0`)."""
     try:
         yield
     except UserError as exc:
-        if read_env(os.environ).rank != 0:
-            # Every rank sees the same mistake and rank 0 says it once. Leaving first, this rank
-            # could have the launcher stop rank 0 before it printed the line; so wait for the
-            # launcher's stop (SIGTERM, its default action) and say it here only if the stop
-            # never comes: a mistake on this rank alone.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            time.sleep(PEER_REPORT_WAIT_S)
+        if ranked:
+            _leave_it_to_rank_0()
         raise JobError(str(exc)) from None
+
+
+def _leave_it_to_rank_0() -> None:
+    """Every rank sees the same mistake, and rank 0 says it once. Another rank on rank 0's node
+    must not leave first: its launcher could then stop rank 0 before it printed the line. So it
+    waits for that launcher's stop (SIGTERM, its default action) and says the mistake itself
+    only if the stop never comes (a mistake on this rank alone). A rank on another node leaves
+    at once, exit 2: its launcher hears of rank 0's exit only through the rendezvous, which
+    ends with rank 0's node."""
+    info = read_env(os.environ)
+    if info.rank == 0:
+        return
+    if info.rank != info.local_rank:  # another node
+        sys.exit(EXIT_USER_ERROR)
+    if threading.current_thread() is threading.main_thread():  # only it may set handlers
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(PEER_REPORT_WAIT_S)

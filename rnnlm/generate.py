@@ -41,7 +41,13 @@ class OneLayerTanhSteps:
 
     @staticmethod
     def applies(module: RNNLM, device: torch.device) -> bool:
-        return module.fast_cpu and module.config.num_layers == 1 and device.type == "cpu"
+        """The chapter's model on the CPU, as saved (float32: the module casts other inputs)."""
+        return (
+            module.fast_cpu
+            and module.config.num_layers == 1
+            and device.type == "cpu"
+            and module.linear.weight.dtype == torch.float32
+        )
 
     def __call__(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         assert isinstance(state, Tensor)  # an rnn cell's state: (1, B, H)

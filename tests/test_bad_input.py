@@ -88,19 +88,44 @@ def test_batch_not_divisible_by_ranks(corpus_path: Path, tmp_path: Path) -> None
     assert not out.exists()
 
 
-def test_a_mistake_on_one_rank_alone_is_still_said(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A rank other than 0 leaves the report to rank 0 (whose exit ends the job), but says the
-    mistake itself once its wait is over: then rank 0 did not make it."""
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr(common, "PEER_REPORT_WAIT_S", 0.0)
-    previous = signal.getsignal(signal.SIGTERM)  # the wait takes the default SIGTERM action
+@pytest.mark.parametrize(
+    ("env", "waits"),
+    [({"RANK": "1", "LOCAL_RANK": "1"}, True), ({"RANK": "3", "LOCAL_RANK": "1"}, False)],
+    ids=["rank-0s-node", "other-node"],
+)
+def test_ranks_other_than_0_leave_the_report_to_rank_0(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], waits: bool
+) -> None:
+    """On rank 0's node another rank waits, at SIGTERM's default action, for the launcher to
+    stop it once rank 0 has said the mistake, then says it itself (then rank 0 did not make it);
+    on another node it leaves at once with exit 2. A one-process command says it at once."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    waited: list[float] = []
+    monkeypatch.setattr(common.time, "sleep", waited.append)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # as a job's stop flag sets it
     try:
-        with pytest.raises(common.JobError) as refused, common.user_errors():
-            raise FlagError("--corpus", "no such file on this host; pass a path every rank has.")
+        if waits:
+            with pytest.raises(common.JobError) as refused, common.user_errors():
+                raise FlagError(
+                    "--corpus", "no such file on this host; pass a path every rank has."
+                )
+            assert refused.value.exit_code == common.EXIT_USER_ERROR
+            assert refused.value.format_message().startswith("--corpus: no such file")
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+            assert waited == [common.PEER_REPORT_WAIT_S]
+        else:
+            with pytest.raises(SystemExit) as left, common.user_errors():
+                raise FlagError(
+                    "--corpus", "no such file on this host; pass a path every rank has."
+                )
+            assert left.value.code == common.EXIT_USER_ERROR
+            assert waited == []
+        with pytest.raises(common.JobError), common.user_errors(ranked=False):
+            raise FlagError("--num-chars", "got -1; pass 0 or more.")
+        assert len(waited) == int(waits)  # no wait for a one-process command
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert refused.value.exit_code == common.EXIT_USER_ERROR
-    assert refused.value.format_message().startswith("--corpus: no such file")
 
 
 def test_short_corpus_across_ranks(corpus_path: Path, tmp_path: Path) -> None:

@@ -178,6 +178,7 @@ def test_generation_steps_compute_the_modules_bits(
     with torch.no_grad():
         for param in module.parameters():
             param.mul_(3)
+    assert OneLayerTanhSteps.applies(module, torch.device("cpu"))  # generate() takes it
     step = OneLayerTanhSteps(module)
     ours = theirs = torch.randn(1, batch, 256) * 0.5
     x = torch.randint(0, 28, (batch, 1))

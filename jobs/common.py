@@ -19,8 +19,8 @@ from rnnlm.errors import UserError
 # Exit code for a user mistake; Kubernetes pod failure policies use it to fail a Job at once
 # rather than retry a command that can never succeed.
 EXIT_USER_ERROR = 2
-# How long a rank other than 0 waits, on a mistake, for the launcher to end the job once rank 0
-# has reported it (the launcher checks its workers every 0.1 s by default).
+# How long another rank on rank 0's node waits, on a mistake, for the launcher to end the job
+# once rank 0 has reported it (the launcher checks its workers every 0.1 s by default).
 PEER_REPORT_WAIT_S = 5.0
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from rnnlm.model import RNNLM, State
+from rnnlm.model import RNNLM, State, input_table
 from rnnlm.vocab import Vocab
 
 # One step: ids (B, 1) and the state -> logits (B, V) and the next state.
@@ -31,11 +31,8 @@ class OneLayerTanhSteps:
     built once rather than at every character."""
 
     def __init__(self, module: RNNLM) -> None:
-        w_ih, b_ih, w_hh, b_hh = (
-            getattr(module.rnn, name)
-            for name in ("weight_ih_l0", "bias_ih_l0", "weight_hh_l0", "bias_hh_l0")
-        )
-        self.table = (w_ih.t() + b_ih).contiguous()
+        w_ih, b_ih, w_hh, b_hh = module.layer_weights(0)
+        self.table = input_table(w_ih, b_ih)
         self.w_hh_t, self.b_hh = w_hh.t(), b_hh
         self.head_t, self.head_b = module.linear.weight.t(), module.linear.bias
 

@@ -186,8 +186,7 @@ class CompiledStep:
         self.module, self.optimizer, self.clip = module, optimizer, clip
         self.average, self.shared = average, shared
         self.params = list(module.parameters())  # clipping sums their squares in this order
-        names = ["weight_ih_l0", "bias_ih_l0", "weight_hh_l0", "bias_hh_l0"]
-        self.kernel_order: list[Tensor] = [module.get_parameter(f"rnn.{n}") for n in names]
+        self.kernel_order: list[Tensor] = [*module.layer_weights(0)]
         self.kernel_order += [module.linear.weight, module.linear.bias]
         # Every gradient a view of one buffer: one all-reduce a step across ranks.
         self.flat_grads = torch.zeros(sum(p.numel() for p in self.params))

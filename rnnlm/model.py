@@ -99,15 +99,10 @@ class RNNLM(nn.Module):
         finals = []
         y = ids
         for layer in range(self.config.num_layers):
-            w_ih = getattr(self.rnn, f"weight_ih_l{layer}")
-            b_ih = getattr(self.rnn, f"bias_ih_l{layer}")
-            w_hh = getattr(self.rnn, f"weight_hh_l{layer}")
-            b_hh = getattr(self.rnn, f"bias_hh_l{layer}")
+            w_ih, b_ih, w_hh, b_hh = self.layer_weights(layer)
             lookup: Tensor | None = None  # set: pre is the table; the kernel looks rows up
             if layer == 0:
-                # one_hot(y) @ W_ih^T + b_ih picks row y of W_ih^T and adds b_ih: the same
-                # single rounding as looking the row up in the (V, H) table W_ih^T + b_ih.
-                pre = (w_ih.t() + b_ih).contiguous()
+                pre = input_table(w_ih, b_ih)
                 if self._use_kernel(pre, len(y)):
                     lookup = y.contiguous()
                 else:
@@ -123,12 +118,23 @@ class RNNLM(nn.Module):
             finals.append(h_last)
         return y, torch.stack(finals)
 
+    def layer_weights(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``nn.RNN``'s W_ih, b_ih, W_hh, b_hh of one layer."""
+        names = ("weight_ih_l", "bias_ih_l", "weight_hh_l", "bias_hh_l")
+        return tuple(getattr(self.rnn, f"{name}{layer}") for name in names)
+
     def begin_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         """Zeros of shape (L, B, H); a pair of them for an LSTM."""
         shape = (self.config.num_layers, batch_size, self.config.num_hiddens)
         if self.config.cell == "lstm":
             return (torch.zeros(shape, device=device), torch.zeros(shape, device=device))
         return torch.zeros(shape, device=device)
+
+
+def input_table(w_ih: Tensor, b_ih: Tensor) -> Tensor:
+    """The first layer's (V, H) input table W_ih^T + b_ih: one_hot(y) @ W_ih^T + b_ih picks row
+    y of W_ih^T and adds b_ih, the same single rounding as looking row y up in this table."""
+    return (w_ih.t() + b_ih).contiguous()
 
 
 class TanhRecurrence(torch.autograd.Function):

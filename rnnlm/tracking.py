@@ -290,6 +290,9 @@ class MlflowTracker:
         self.deferred_metrics: list[Any] = []  # older epochs' rows, sent at close (sender only)
         self.pending_lock = threading.Lock()
         self.next_metrics_send = 0.0  # time.monotonic() before which no batch goes out
+        # Set once training is over: a metrics send waiting out its interval goes at once, or
+        # the end of every job would wait up to METRICS_EVERY_S for it.
+        self.finishing = threading.Event()
         self.sender = _Sender()
         self.sender.start()
         self.system_metrics = self._start_system_metrics()
@@ -388,7 +391,7 @@ class MlflowTracker:
 
         def send() -> None:
             if not batch:
-                time.sleep(max(0.0, self.next_metrics_send - time.monotonic()))
+                self.finishing.wait(max(0.0, self.next_metrics_send - time.monotonic()))
                 with self.pending_lock:
                     taken, self.pending_metrics = self.pending_metrics, []
                 if not taken:
@@ -431,6 +434,7 @@ class MlflowTracker:
     def log_model(self, model_dir: Path, summary: dict[str, float]) -> None:
         from rnnlm import registry
 
+        self.finishing.set()
         rows = {
             "epoch": [e for e, _, _ in self.samples],
             "prefix": [p for _, p, _ in self.samples],
@@ -504,6 +508,7 @@ class MlflowTracker:
 
     def close(self, status: str) -> None:
         """``status``: FINISHED, FAILED, or RUNNING (preempted: a retry continues the run)."""
+        self.finishing.set()
         if self.system_metrics is not None:
             try:
                 self._last_system_metrics()

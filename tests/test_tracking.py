@@ -336,3 +336,32 @@ def test_live_metrics_carry_the_newest_epoch_and_the_close_sends_the_rest(
     assert logged() == list(range(1, 10))
     history = client.get_metric_history(run_id, "val_perplexity")
     assert sorted((m.step, m.value) for m in history) == [(e, 20.0 / e) for e in range(1, 10)]
+
+
+def test_closing_sends_waiting_metrics_without_waiting_out_the_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A metrics send waiting for its interval goes out as soon as the run closes: the job's
+    end (and a preempted job's 10 s) must not wait up to METRICS_EVERY_S for it. With an hour's
+    interval and 20 s to flush, waiting it out would leave epoch 2 unsent."""
+    from rnnlm import tracking
+    from rnnlm.loop import EpochStats
+
+    monkeypatch.setattr(tracking, "METRICS_EVERY_S", 3600.0)
+
+    settings = tracking.TrackingSettings(
+        f"sqlite:///{tmp_path}/mlflow.db", "tests", None, "closing", "candidate",
+        flush_timeout=20.0, system_metrics_interval=600.0,
+    )  # fmt: skip
+    tracker = tracking.MlflowTracker(settings)
+    client, run_id = MlflowClient(settings.uri), tracker.run_id
+    assert run_id is not None
+    for epoch in (1, 2):  # epoch 1 goes at once; epoch 2's send then waits out the interval
+        tracker.log_epoch(EpochStats(epoch, 5.0, 100, 0.01, 1e4, 1e4, 0.5, 1.0), {})
+        if epoch == 1:
+            assert tracker.wait_sent(60)
+    assert tracker.next_metrics_send - time.monotonic() > 1800  # epoch 2's send is waiting
+    tracker.close("FINISHED")
+    logged = client.get_metric_history(run_id, "train_perplexity")
+    assert sorted(m.step for m in logged) == [1, 2]
+    assert client.get_run(run_id).info.status == "FINISHED"

@@ -104,21 +104,21 @@ def test_ranks_other_than_0_leave_the_report_to_rank_0(
     waited: list[float] = []
     monkeypatch.setattr(common.time, "sleep", waited.append)
     previous = signal.signal(signal.SIGTERM, lambda *_: None)  # as a job's stop flag sets it
+
+    def mistake() -> None:
+        raise FlagError("--corpus", "no such file on this host; pass a path every rank has.")
+
     try:
         if waits:
             with pytest.raises(common.JobError) as refused, common.user_errors():
-                raise FlagError(
-                    "--corpus", "no such file on this host; pass a path every rank has."
-                )
+                mistake()
             assert refused.value.exit_code == common.EXIT_USER_ERROR
             assert refused.value.format_message().startswith("--corpus: no such file")
             assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
             assert waited == [common.PEER_REPORT_WAIT_S]
         else:
             with pytest.raises(SystemExit) as left, common.user_errors():
-                raise FlagError(
-                    "--corpus", "no such file on this host; pass a path every rank has."
-                )
+                mistake()
             assert left.value.code == common.EXIT_USER_ERROR
             assert waited == []
         with pytest.raises(common.JobError), common.user_errors(ranked=False):

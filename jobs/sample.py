@@ -107,9 +107,7 @@ def sample(
             module, vocab = read_model_dir(download_model(model_uri, Path(tmp), tracking_uri))
         check_prefixes(prefixes, vocab, map_unknown)
         module = module.to(device)
-        texts = generate(
-            module, vocab, prefixes, num_chars, temperature, top_k or None, seed, device
-        )
+        texts = generate(module, vocab, prefixes, num_chars, temperature, top_k or None, seed)
     for prefix, text in zip(prefixes, texts, strict=True):
         if output_format == "jsonl":
             record = {"prefix": prefix, "text": text, "temperature": temperature, "seed": seed}

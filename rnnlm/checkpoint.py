@@ -26,7 +26,7 @@ from rnnlm.errors import FlagError
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: torch.optim.SGD state; the config recorded by its flat names
 _NAME = re.compile(r"^ckpt-(\d{10})\.pt$")
 
 

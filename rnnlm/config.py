@@ -1,37 +1,135 @@
-"""The job's configuration: one frozen dataclass, the single source of truth.
+"""The job's configuration: one frozen tree of typed sections, the single source of truth.
 
-Every field is a command-line flag of ``jobs.train`` with the same name (``num_hiddens`` is
-``--num-hiddens``); a test keeps the two one-to-one. Defaults are the chapter's.
+Each section belongs to one component (data, model, training, runtime, checkpoints, output,
+tracking). Every field is declared once, with its default and its help text, through
+:func:`setting`; the command line of ``jobs.train`` is generated from these declarations
+(``num_hiddens`` is ``--num-hiddens``), so no flag restates a default. Defaults are the
+chapter's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from rnnlm.errors import FlagError
 
 D2L_TIMEMACHINE_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
 D2L_TIMEMACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 
-Cell = Literal["rnn", "gru", "lstm"]
-CELLS: tuple[str, ...] = ("rnn", "gru", "lstm")
-ALLREDUCE_MODES: tuple[str, ...] = ("auto", "shm", "backend")
-CPU_KERNELS: tuple[str, ...] = ("auto", "compiled", "torch")
-Sampling = Literal["sequential", "random"]
-Preprocess = Literal["d2l", "raw"]
+CELLS = ("rnn", "gru", "lstm")
+CPU_KERNELS = ("auto", "compiled", "torch")
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    envvar: str | None = None,
+    flag: str | None = None,
+    cli: bool = True,
+) -> Any:
+    """A config field and everything its command-line flag needs: the default, the help text,
+    the allowed values, an environment variable, a flag name other than the field's."""
+    metadata = {"help": help, "choices": choices, "envvar": envvar, "flag": flag, "cli": cli}
+    if isinstance(default, tuple):
+        return dataclasses.field(default_factory=lambda: default, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """What it takes to rebuild the network: saved beside every set of weights."""
+class Section:
+    """A group of settings that one component reads."""
 
-    vocab_size: int
-    cell: str = "rnn"
-    num_hiddens: int = 256
-    num_layers: int = 1
-    dropout: float = 0.0
+    def check(self, world_size: int) -> None:
+        """Refuse values no job can run with, naming the flag and the fix."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise FlagError(flag_name(f), f"got {value!r}; choose one of {', '.join(choices)}.")
+
+
+def flag_name(f: dataclasses.Field[Any]) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    corpus: str = setting(D2L_TIMEMACHINE_URL, "URL or local path of the training text.",
+                          envvar="RNNLM_CORPUS")  # fmt: skip
+    corpus_sha1: str | None = setting(
+        None, "Expected sha1 of the corpus file [default: the chapter's, for its URL]."
+    )
+    cache_dir: str | None = setting(
+        None, "Where downloads are cached [default: ~/.cache/rnnlm].", envvar="RNNLM_CACHE_DIR"
+    )
+    preprocess: str = setting(
+        "d2l",
+        "d2l: letters only, lowercased (the chapter); raw: keep every character.",
+        choices=("d2l", "raw"),
+    )
+    min_freq: int = setting(0, "Drop characters seen fewer times from the vocabulary.")
+    max_tokens: int = setting(10_000, "Train on the first N tokens; -1 for the whole corpus.")
+    val_tokens: int = setting(
+        2_000,
+        "Held-out tokens right after the training slice (its tail with --max-tokens -1) for "
+        "validation perplexity; 0: none.",
+    )
+    batch_size: int = setting(32, "GLOBAL minibatch rows, split evenly over all processes.")
+    num_steps: int = setting(35, "Time steps per minibatch.")
+    sampling: str = setting(
+        "sequential",
+        "Minibatch layout: sequential partitioning (state carried) or random.",
+        choices=("sequential", "random"),
+    )
+
+    def resolved_sha1(self) -> str | None:
+        """The checksum to enforce: the flag, else the known one for the default URL."""
+        if self.corpus_sha1:
+            return self.corpus_sha1.lower()
+        return D2L_TIMEMACHINE_SHA1 if self.corpus == D2L_TIMEMACHINE_URL else None
+
+    def check(self, world_size: int) -> None:
+        super().check(world_size)
+        _positive("--batch-size", self.batch_size)
+        _positive("--num-steps", self.num_steps)
+        if self.min_freq < 0:
+            raise FlagError("--min-freq", f"got {self.min_freq}; pass 0 or more.")
+        if self.max_tokens == 0 or self.max_tokens < -1:
+            raise FlagError(
+                "--max-tokens", f"got {self.max_tokens}; pass a positive count or -1 for all."
+            )
+        if self.val_tokens < 0:
+            raise FlagError("--val-tokens", f"got {self.val_tokens}; pass 0 (none) or more.")
+        if self.corpus_sha1 is not None and not _is_sha1(self.corpus_sha1):
+            raise FlagError(
+                "--corpus-sha1", f"{self.corpus_sha1!r} is not a 40-digit hex sha1 checksum."
+            )
+        if self.batch_size % world_size:
+            raise FlagError(
+                "--batch-size",
+                f"the global batch {self.batch_size} does not split evenly over {world_size} "
+                f"processes; pass a multiple of {world_size} (e.g. "
+                f"{max(world_size, self.batch_size // world_size * world_size)}).",
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """What it takes to rebuild the network; saved beside every set of weights."""
+
+    vocab_size: int = setting(0, "Set from the corpus.", cli=False)
+    cell: str = setting("rnn", "Recurrent cell.", choices=CELLS)
+    num_hiddens: int = setting(256, "Hidden units per layer.")
+    num_layers: int = setting(1, "Stacked recurrent layers.")
+    dropout: float = setting(0.0, "Dropout between layers.")
+    bidirectional: bool = setting(
+        False, "Refused: a language model must not see the characters it predicts."
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -41,133 +139,18 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """All settings of one training job (defaults reproduce the chapter)."""
-
-    # Corpus and vocabulary.
-    corpus: str = D2L_TIMEMACHINE_URL
-    corpus_sha1: str | None = None  # None: the known sha1 for the d2l URL, no check otherwise
-    cache_dir: str | None = None  # None: $RNNLM_CACHE_DIR or ~/.cache/rnnlm
-    preprocess: str = "d2l"
-    min_freq: int = 0
-    max_tokens: int = 10_000  # -1: the whole corpus
-    val_tokens: int = 2_000  # held out right after the training slice (its tail if -1)
-    # Minibatches: batch_size is GLOBAL, split evenly across ranks.
-    batch_size: int = 32
-    num_steps: int = 35
-    sampling: str = "sequential"
-    # Model.
-    cell: str = "rnn"
-    num_hiddens: int = 256
-    num_layers: int = 1
-    dropout: float = 0.0
-    bidirectional: bool = False  # refused: kept as a flag so the refusal can explain itself
-    # Optimisation.
-    lr: float = 1.0
-    clip: float = 1.0
-    epochs: int = 500
-    seed: int = 0
-    # Execution and output.
-    device: str = "auto"
-    dist_timeout: float = 300.0  # seconds before a lost peer fails the job
-    allreduce: str = "auto"  # gradients: "shm" (ranks on one host's CPU), "backend" or "auto"
-    cpu_kernel: str = "auto"  # the rnn cell on CPU: "compiled" (rnnlm.native), "torch" or "auto"
-    # CUDA-only speed options; the defaults are the exact fp32 computation.
-    autocast: str = "off"  # "bf16": bfloat16 autocast of the forward pass
-    cuda_graphs: bool = False  # capture the training step once, replay it per minibatch
-    output_dir: str = "runs/rnnlm"
-    # Fault tolerance: resume from the newest checkpoint in checkpoint_dir (None: none kept).
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 1
-    checkpoint_unit: str = "epoch"  # or "step" (minibatches)
-    keep_checkpoints: int = 3
-    fresh: bool = False  # ignore (delete) existing checkpoints instead of resuming
-    sample_every: int = 10
-    # Periodic samples start from the first prefix; the final samples from all of them.
-    sample_prefixes: tuple[str, ...] = ("time traveller", "traveller")
-    num_sample_chars: int = 50
-    log_every: int = 10
-    # Tracking and registry (main rank only).
-    tracking: bool = True
-    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else MLflow's local default
-    experiment: str = "rnnlm"
-    run_name: str | None = None
-    registered_model_name: str = "rnnlm-timemachine"
-    alias: str = "candidate"
-    tracking_timeout: float = 300.0  # seconds to wait at the end for an unreachable server
-
-    def resolved_sha1(self) -> str | None:
-        """The checksum to enforce: the flag, else the known one for the default URL."""
-        if self.corpus_sha1:
-            return self.corpus_sha1.lower()
-        if self.corpus == D2L_TIMEMACHINE_URL:
-            return D2L_TIMEMACHINE_SHA1
-        return None
-
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(
-            vocab_size=vocab_size,
-            cell=self.cell,
-            num_hiddens=self.num_hiddens,
-            num_layers=self.num_layers,
-            dropout=self.dropout,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def validate(self, world_size: int = 1) -> None:
-        """Refuse values no job can train with, naming the flag and the fix."""
-        _positive("--batch-size", self.batch_size)
-        _positive("--num-steps", self.num_steps)
+    def check(self, world_size: int) -> None:
+        super().check(world_size)
         _positive("--num-hiddens", self.num_hiddens)
         _positive("--num-layers", self.num_layers)
-        _positive("--epochs", self.epochs)
-        _positive("--sample-every", self.sample_every)
-        _positive("--log-every", self.log_every)
-        _positive("--dist-timeout", self.dist_timeout)
-        _positive("--checkpoint-every", self.checkpoint_every)
-        _positive("--keep-checkpoints", self.keep_checkpoints)
-        if self.checkpoint_unit not in ("epoch", "step"):
-            raise FlagError(
-                "--checkpoint-unit", f"got {self.checkpoint_unit!r}; choose 'epoch' or 'step'."
-            )
-        if self.num_sample_chars < 0:
-            raise FlagError("--num-sample-chars", f"got {self.num_sample_chars}; pass 0 or more.")
-        if not self.lr > 0:
-            raise FlagError("--lr", f"got {self.lr}; the learning rate must be > 0, e.g. --lr 1.")
-        if not self.clip > 0:
-            raise FlagError("--clip", f"got {self.clip}; the clipping norm must be > 0, e.g. 1.")
         if not 0 <= self.dropout < 1:
             raise FlagError("--dropout", f"got {self.dropout}; pass a probability in [0, 1).")
-        if not self.sample_prefixes or not all(self.sample_prefixes):
-            raise FlagError("--sample-prefix", "pass one or more non-empty prefixes.")
         if self.dropout and self.num_layers == 1:
             raise FlagError(
                 "--dropout",
                 "dropout applies between recurrent layers and --num-layers is 1; "
                 "pass --num-layers 2 or more, or drop --dropout.",
             )
-        if self.min_freq < 0:
-            raise FlagError("--min-freq", f"got {self.min_freq}; pass 0 or more.")
-        if self.max_tokens == 0 or self.max_tokens < -1:
-            raise FlagError(
-                "--max-tokens", f"got {self.max_tokens}; pass a positive count or -1 for all."
-            )
-        if self.val_tokens < 0:
-            raise FlagError("--val-tokens", f"got {self.val_tokens}; pass 0 (none) or more.")
-        if self.tracking_timeout < 0:
-            raise FlagError("--tracking-timeout", f"got {self.tracking_timeout}; pass 0 or more.")
-        if self.cell not in CELLS:
-            raise FlagError("--cell", f"unknown cell {self.cell!r}; choose one of {CELLS}.")
-        if self.sampling not in ("sequential", "random"):
-            raise FlagError(
-                "--sampling", f"got {self.sampling!r}; choose 'sequential' or 'random'."
-            )
-        if self.preprocess not in ("d2l", "raw"):
-            raise FlagError("--preprocess", f"got {self.preprocess!r}; choose 'd2l' or 'raw'.")
         if self.bidirectional:
             raise FlagError(
                 "--bidirectional",
@@ -175,23 +158,47 @@ class TrainConfig:
                 "direction sees the future), so it cannot train a left-to-right language "
                 "model; drop the flag.",
             )
-        if self.batch_size % world_size:
-            raise FlagError(
-                "--batch-size",
-                f"the global batch {self.batch_size} does not split evenly over {world_size} "
-                f"processes; pass a multiple of {world_size} (e.g. "
-                f"{max(world_size, self.batch_size // world_size * world_size)}).",
-            )
-        if self.allreduce not in ALLREDUCE_MODES:
-            raise FlagError(
-                "--allreduce", f"got {self.allreduce!r}; choose {', '.join(ALLREDUCE_MODES)}."
-            )
-        if self.cpu_kernel not in CPU_KERNELS:
-            raise FlagError(
-                "--cpu-kernel", f"got {self.cpu_kernel!r}; choose {', '.join(CPU_KERNELS)}."
-            )
-        if self.autocast not in ("off", "bf16"):
-            raise FlagError("--autocast", f"got {self.autocast!r}; choose 'off' or 'bf16'.")
+
+
+@dataclass(frozen=True)
+class TrainingConfig(Section):
+    lr: float = setting(1.0, "SGD learning rate.")
+    clip: float = setting(1.0, "Gradient clipping: max global L2 norm.")
+    epochs: int = setting(500, "Passes over the training text.")
+    seed: int = setting(0, "Seeds the weights and the (shared) minibatch layout.")
+
+    def check(self, world_size: int) -> None:
+        _positive("--epochs", self.epochs)
+        if not self.lr > 0:
+            raise FlagError("--lr", f"got {self.lr}; the learning rate must be > 0, e.g. --lr 1.")
+        if not self.clip > 0:
+            raise FlagError("--clip", f"got {self.clip}; the clipping norm must be > 0, e.g. 1.")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(Section):
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
+    dist_timeout: float = setting(
+        300.0, "Seconds a collective waits for a lost peer before the job fails."
+    )
+    cpu_kernel: str = setting(
+        "auto",
+        "The chapter's model on an x86-64 CPU: compiled (the optional kernel extension, built "
+        "on first use), torch (the framework's layers) or auto (compiled where it applies and "
+        "builds).",
+        choices=CPU_KERNELS,
+    )
+    autocast: str = setting(
+        "off", "CUDA only: bf16 autocast of the forward pass (off: exact fp32).",
+        choices=("off", "bf16"),
+    )  # fmt: skip
+    cuda_graphs: bool = setting(
+        False, "CUDA only, one process: replay the training step as one captured CUDA graph."
+    )
+
+    def check(self, world_size: int) -> None:
+        super().check(world_size)
+        _positive("--dist-timeout", self.dist_timeout)
         if self.cuda_graphs and world_size > 1:
             raise FlagError(
                 "--cuda-graphs",
@@ -199,13 +206,9 @@ class TrainConfig:
                 "run without torchrun.",
             )
         if self.device == "cpu":
-            self.validate_device("cpu")
-        if self.corpus_sha1 is not None and not _is_sha1(self.corpus_sha1):
-            raise FlagError(
-                "--corpus-sha1", f"{self.corpus_sha1!r} is not a 40-digit hex sha1 checksum."
-            )
+            self.check_device("cpu")
 
-    def validate_device(self, device_type: str) -> None:
+    def check_device(self, device_type: str) -> None:
         """Refuse the CUDA-only options once the device is known (``--device auto`` may
         resolve to the CPU)."""
         if device_type == "cuda":
@@ -222,6 +225,137 @@ class TrainConfig:
                 f"CUDA graphs need a CUDA device and this job runs on {device_type}; "
                 "drop the flag or use --device cuda.",
             )
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(Section):
+    checkpoint_dir: str | None = setting(
+        None,
+        "Keep checkpoints here and resume from the newest on start (a shared volume under "
+        "Kubernetes) [default: no checkpoints].",
+        envvar="RNNLM_CHECKPOINT_DIR",
+    )
+    checkpoint_every: int = setting(
+        1, "Checkpoint every N epochs (or steps, see --checkpoint-unit); SIGTERM always does."
+    )
+    checkpoint_unit: str = setting(
+        "epoch", "What --checkpoint-every counts.", choices=("epoch", "step")
+    )
+    keep_checkpoints: int = setting(3, "How many of the newest checkpoints to keep.")
+    fresh: bool = setting(False, "Delete existing checkpoints and start over instead of resuming.")
+
+    def check(self, world_size: int) -> None:
+        super().check(world_size)
+        _positive("--checkpoint-every", self.checkpoint_every)
+        _positive("--keep-checkpoints", self.keep_checkpoints)
+
+
+@dataclass(frozen=True)
+class OutputConfig(Section):
+    output_dir: str = setting(
+        "runs/rnnlm",
+        "Where the final model (weights, config, vocabulary) is written.",
+        envvar="RNNLM_OUTPUT_DIR",
+    )
+    sample_every: int = setting(10, "Print a greedy sample every N epochs.")
+    # Periodic samples start from the first prefix; the final samples from all of them.
+    sample_prefixes: tuple[str, ...] = setting(
+        ("time traveller", "traveller"),
+        "Prefix(es) to sample from; periodic samples use the first.",
+        flag="--sample-prefix",
+    )
+    num_sample_chars: int = setting(50, "Characters generated per sample.")
+    log_every: int = setting(10, "Log a line every N epochs (when no progress bar is shown).")
+
+    def check(self, world_size: int) -> None:
+        _positive("--sample-every", self.sample_every)
+        _positive("--log-every", self.log_every)
+        if self.num_sample_chars < 0:
+            raise FlagError("--num-sample-chars", f"got {self.num_sample_chars}; pass 0 or more.")
+        if not self.sample_prefixes or not all(self.sample_prefixes):
+            raise FlagError("--sample-prefix", "pass one or more non-empty prefixes.")
+
+
+@dataclass(frozen=True)
+class TrackingConfig(Section):
+    tracking: bool = setting(True, "Record the run in MLflow and register the final model.")
+    tracking_uri: str | None = setting(
+        None,
+        "MLflow server URL or store URI [default: MLflow's local sqlite store].",
+        envvar="MLFLOW_TRACKING_URI",
+    )
+    experiment: str = setting("rnnlm", "MLflow experiment name.", envvar="MLFLOW_EXPERIMENT_NAME")
+    run_name: str | None = setting(None, "MLflow run name [default: generated].")
+    registered_model_name: str = setting(
+        "rnnlm-timemachine", "Model Registry name for the final model."
+    )
+    alias: str = setting("candidate", "Registry alias set on the new version.")
+    tracking_timeout: float = setting(
+        300.0, "Seconds to wait at the end for an unreachable tracking server."
+    )
+
+    def check(self, world_size: int) -> None:
+        if not (self.tracking_timeout >= 0 and math.isfinite(self.tracking_timeout)):
+            raise FlagError("--tracking-timeout", f"got {self.tracking_timeout}; pass 0 or more.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """All settings of one training job, one section per component."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from flag-named values (``num_hiddens=64``); missing ones keep defaults."""
+        unknown = set(values) - set(flat_fields())
+        if unknown:
+            raise KeyError(f"unknown settings {sorted(unknown)}")
+        parts: dict[str, Any] = {}
+        for name, section in _section_types().items():
+            mine = {f.name: values[f.name] for f in dataclasses.fields(section) if f.name in values}
+            parts[name] = section(**mine)
+        return cls(**parts)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Every setting by its flat name: what MLflow's params and the artifacts record."""
+        flat: dict[str, Any] = {}
+        for name in _section_types():
+            flat.update(dataclasses.asdict(getattr(self, name)))
+        flat.pop("vocab_size")
+        return flat
+
+    def validate(self, world_size: int = 1) -> None:
+        for name in _section_types():
+            getattr(self, name).check(world_size)
+
+
+def _section_types() -> dict[str, type[Section]]:
+    return {
+        "data": DataConfig,
+        "model": ModelConfig,
+        "training": TrainingConfig,
+        "runtime": RuntimeConfig,
+        "checkpoint": CheckpointConfig,
+        "output": OutputConfig,
+        "tracking": TrackingConfig,
+    }
+
+
+def flat_fields() -> dict[str, dataclasses.Field[Any]]:
+    """Every command-line setting by its flat name, in declaration order."""
+    return {
+        f.name: f
+        for section in _section_types().values()
+        for f in dataclasses.fields(section)
+        if f.metadata.get("cli", True)
+    }
 
 
 def _positive(flag: str, value: float) -> None:

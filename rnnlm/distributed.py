@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from rnnlm.errors import FlagError
 
@@ -92,8 +94,9 @@ def available_cores() -> int:
 
 
 def threads_per_rank(local_world_size: int) -> int:
-    """Share the cores among the ranks of this node: oversubscribed OpenMP makes the small
-    matrix products of an RNN 10-100x slower."""
+    """Share the cores among the ranks of this node: with more OpenMP threads than cores, the
+    threads of an RNN's small matrix products wait on one another far longer than they
+    compute."""
     return max(1, available_cores() // local_world_size)
 
 
@@ -152,19 +155,64 @@ def _init_group(info: DistInfo, backend: str, timeout: timedelta) -> None:
     log.info("joined %s group: rank %d of %d", backend, info.rank, info.world_size)
 
 
-# Sums a small tensor over all ranks in place and returns it (a collective) by another route
-# than the backend's all-reduce: where gradients go through shared memory, the same segment
-# (rnnlm.shm_allreduce).
-SumOverRanks = Callable[[torch.Tensor], torch.Tensor]
-
-
-def all_reduce_sum(
-    tensor: torch.Tensor, info: DistInfo, via: SumOverRanks | None = None
-) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks in place (a no-op on one process), through ``via`` where
-    given."""
-    if via is not None:
-        return via(tensor)
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks in place (a no-op in one process)."""
     if info.is_distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+class StopVote:
+    """Whether any rank wants to stop, agreed by all ranks at the same step.
+
+    Every rank must leave at the same minibatch (a rank that stops alone leaves the others
+    waiting in a collective). Rather than a collective of its own at every step, the flag rides
+    on the one the step already makes: DDP's gradient all-reduce (see :func:`wrap_model`). In
+    one process the local flag is the agreement.
+    """
+
+    def __init__(self, local: Callable[[], bool]) -> None:
+        self.local = local
+        self.agreed = False
+
+    def observe_alone(self) -> bool:
+        """One process: nothing to agree with."""
+        self.agreed = self.agreed or self.local()
+        return self.agreed
+
+
+def wrap_model(module: nn.Module, info: DistInfo, vote: StopVote) -> nn.Module:
+    """The module itself in one process; across ranks its DDP wrapper, whose gradient
+    all-reduce also carries every rank's stop flag."""
+    if not info.is_distributed:
+        return module
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    # Gradients as views of DDP's bucket: the averaged bucket is not copied back into them.
+    ddp = DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
+    ddp.register_comm_hook(vote, _average_with_stop_flag)
+    return ddp
+
+
+# No annotations on the hook: DDP checks them against its own types, and this module's
+# postponed (string) annotations would fail that check.
+def _average_with_stop_flag(vote, bucket):
+    """DDP's default hook (divide by the world size, then sum over the ranks), with one more
+    element on the first bucket: this rank's stop flag, summed into the number of ranks that
+    want to stop."""
+    world = dist.get_world_size()
+    grads = bucket.buffer()
+    carries_flag = bucket.index() == 0
+    flat = torch.empty(grads.numel() + carries_flag, dtype=grads.dtype, device=grads.device)
+    torch.div(grads, world, out=flat[: grads.numel()])
+    if carries_flag:
+        flat[-1] = float(vote.local())
+    done = dist.all_reduce(flat, async_op=True).get_future()
+
+    def unpack(fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+        summed = fut.value()[0]
+        if carries_flag:
+            vote.agreed = vote.agreed or bool(summed[-1].item() > 0)
+        grads.copy_(summed[: grads.numel()])
+        return grads
+
+    return done.then(unpack)

@@ -11,3 +11,13 @@ class FlagError(UserError):
     def __init__(self, flag: str, message: str) -> None:
         self.flag = flag
         super().__init__(f"{flag}: {message}")
+
+
+class NonFiniteLoss(UserError):
+    """Training diverged; the message names where, and no checkpoint is written after it."""
+
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(
+            f"--lr: the loss became NaN/inf at epoch {epoch}, step {step}; training stopped "
+            "and the last good checkpoint is kept. Lower --lr or --clip, or check the data."
+        )

@@ -14,8 +14,9 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from rnnlm.batching import Minibatch, rows_of_rank
-from rnnlm.distributed import DistInfo, SumOverRanks, all_reduce_sum
-from rnnlm.model import RNNLM, State
+from rnnlm.distributed import DistInfo, all_reduce_sum
+from rnnlm.model import RNNLM
+from rnnlm.records import State
 
 
 def validation_batches(
@@ -33,14 +34,8 @@ def validation_batches(
 
 
 @torch.no_grad()
-def evaluate(
-    module: RNNLM,
-    batches: list[Minibatch],
-    info: DistInfo,
-    sum_over_ranks: SumOverRanks | None = None,
-) -> float:
-    """Perplexity over all ranks' rows. Every rank must call it (it sums over the ranks, by
-    ``sum_over_ranks`` where given)."""
+def evaluate(module: RNNLM, batches: list[Minibatch], info: DistInfo) -> float:
+    """Perplexity over all ranks' rows. Every rank must call it (it sums over the ranks)."""
     was_training = module.training
     module.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=info.device)
@@ -54,5 +49,5 @@ def evaluate(
         totals[0] += F.cross_entropy(logits, targets, reduction="sum").double()
         totals[1] += targets.numel()
     module.train(was_training)
-    all_reduce_sum(totals, info, via=sum_over_ranks)
+    all_reduce_sum(totals, info)
     return math.exp((totals[0] / totals[1]).item())

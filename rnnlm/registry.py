@@ -56,8 +56,10 @@ def log_and_register(
         serving.mkdir()
         for file in SERVING_FILES:  # only plain files: no model.pt (a zip with a pickle)
             shutil.copy2(Path(model_dir) / file, serving / file)
-        code = Path(tmp) / "rnnlm"  # the package as source only: no bytecode caches
-        shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # The core as source only: no bytecode caches, no extension (serving needs neither)
+        code = Path(tmp) / "rnnlm"
+        skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "extensions")
+        shutil.copytree(PACKAGE_DIR, code, ignore=skip)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME_IN_RUN,

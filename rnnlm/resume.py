@@ -16,7 +16,7 @@ import random
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,10 +27,9 @@ import torch.distributed as dist
 from rnnlm import checkpoint
 from rnnlm.batching import rows_of_rank
 from rnnlm.config import TrainConfig
-from rnnlm.distributed import DistInfo
-from rnnlm.loop import EpochProgress, EpochStats, Optimizer
-from rnnlm.model import RNNLM, State
-from rnnlm.shm_allreduce import SharedMemoryAllReduce
+from rnnlm.distributed import DistInfo, StopVote
+from rnnlm.records import EpochProgress, EpochStats, History, State
+from rnnlm.steps import Step
 from rnnlm.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -71,16 +70,6 @@ def stop_on_signals() -> Iterator[StopFlag]:
 
 
 @dataclass
-class History:
-    """What the job has reported so far; checkpointed so a resumed job reports it whole."""
-
-    epochs: list[EpochStats] = field(default_factory=list)
-    val_perplexity: list[float] = field(default_factory=list)
-    extra_metrics: list[dict[str, float]] = field(default_factory=list)  # per epoch
-    samples: list[tuple[int, str, str]] = field(default_factory=list)  # (epoch, prefix, text)
-
-
-@dataclass
 class Resumed:
     """Where a restored job continues, and the MLflow run it continues."""
 
@@ -103,18 +92,17 @@ class Checkpointer:
         self,
         config: TrainConfig,
         info: DistInfo,
-        module: RNNLM,
-        optimizer: Optimizer,
+        step: Step,
         vocab: Vocab,
         history: History,
-        stop: StopFlag | None,
-        exchange: SharedMemoryAllReduce | None = None,
+        vote: StopVote,
     ) -> None:
-        self.exchange = exchange  # when set, it agrees on the stop flags with the gradients
-        self.config, self.info, self.module, self.optimizer = config, info, module, optimizer
+        self.config, self.info, self.vote = config, info, vote
+        self.module, self.optimizer = step.module, step.optimizer
         self.vocab, self.history = vocab, history
-        self.stop = stop if stop is not None else StopFlag()  # (a StopFlag is falsy)
-        self.directory = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+        settings = config.checkpoint
+        self.settings = settings
+        self.directory = Path(settings.checkpoint_dir) if settings.checkpoint_dir else None
         self.global_step = 0
         self.mlflow_run_id: str | None = None
 
@@ -122,32 +110,22 @@ class Checkpointer:
 
     def after_step(self, epoch: int, epoch_rng: Any, progress: EpochProgress) -> None:
         self.global_step += 1
-        stopping = self._stop_requested()
+        stopping = self.vote.agreed if self.info.is_distributed else self.vote.observe_alone()
         due = (
-            self.config.checkpoint_unit == "step"
-            and self.global_step % self.config.checkpoint_every == 0
+            self.settings.checkpoint_unit == "step"
+            and self.global_step % self.settings.checkpoint_every == 0
         )
         if stopping or due:
             self.save(epoch, epoch_rng, progress)
         if stopping:
-            raise Preempted(f"stopped by signal {self.stop.signal} at epoch {epoch}")
+            raise Preempted(f"stopped by a signal at epoch {epoch}")
 
     def after_epoch(self, epoch: int, next_epoch_rng: Any) -> None:
-        due = self.config.checkpoint_unit == "epoch" and (
-            epoch % self.config.checkpoint_every == 0 or epoch == self.config.epochs
+        due = self.settings.checkpoint_unit == "epoch" and (
+            epoch % self.settings.checkpoint_every == 0 or epoch == self.config.training.epochs
         )
         if due:
             self.save(epoch + 1, next_epoch_rng, None)
-
-    def _stop_requested(self) -> bool:
-        """Every rank must stop at the same step, so the flag is OR-ed over the ranks."""
-        if not self.info.is_distributed:
-            return bool(self.stop)
-        if self.exchange is not None:
-            return self.exchange.stop_agreed  # exchanged with this step's gradients
-        flag = torch.tensor([1.0 if self.stop else 0.0], device=self.info.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -191,14 +169,14 @@ class Checkpointer:
             "extra_metrics": list(self.history.extra_metrics),
             "samples": [list(s) for s in self.history.samples],
             "mlflow_run_id": self.mlflow_run_id,
-            "config": self.config.to_dict(),
+            "config": self.config.to_flat(),
             "model_config": self.module.config.to_dict(),
             "vocab": list(self.vocab.idx_to_token),
             "world_size": self.info.world_size,
             "saved_at": time.time(),
         }
         path = checkpoint.save(
-            self.directory, payload, self.global_step, self.config.keep_checkpoints
+            self.directory, payload, self.global_step, self.settings.keep_checkpoints
         )
         log.info("checkpoint %s (epoch %d, step %d)", path.name, epoch, payload["step"])
 
@@ -210,7 +188,7 @@ class Checkpointer:
             return None
         found: list[Any] = [None]
         if self.info.is_main:
-            if self.config.fresh:
+            if self.settings.fresh:
                 removed = checkpoint.clear(self.directory)
                 if removed:
                     log.warning("--fresh: removed %d checkpoint(s) in %s", removed, self.directory)
@@ -232,7 +210,7 @@ class Checkpointer:
         self.module.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         for group in self.optimizer.param_groups:  # the flags of this run win over the file's
-            group["lr"] = self.config.lr
+            group["lr"] = self.config.training.lr
         data_rng.setstate(payload["data_rng"])
         same_layout = payload["world_size"] == self.info.world_size
         rank_part = payload["ranks"][self.info.rank if same_layout else 0]
@@ -250,7 +228,8 @@ class Checkpointer:
             progress.norm_sum += sum(p["norm_sum"] for p in parts)
             progress.num_tokens = sum(p["num_tokens"] for p in parts)
             if payload["hidden"] is not None:
-                rows = rows_of_rank(self.info.rank, self.info.world_size, self.config.batch_size)
+                batch_size = self.config.data.batch_size
+                rows = rows_of_rank(self.info.rank, self.info.world_size, batch_size)
                 mine = [t[:, rows].to(device) for t in payload["hidden"]]
                 progress.state = (mine[0], mine[1]) if len(mine) == 2 else mine[0]
         self.global_step = payload["global_step"]

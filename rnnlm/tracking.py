@@ -24,48 +24,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import requests
 
 from rnnlm import __version__
 from rnnlm.errors import UserError
-from rnnlm.loop import EpochStats
-
-if TYPE_CHECKING:
-    from rnnlm.resume import History
+from rnnlm.records import EpochStats, History
 
 log = logging.getLogger(__name__)
 
 # While training, epoch metrics go out at most once per this many seconds, and only the newest
 # epoch's: the UI follows the run live, a few seconds behind. The other epochs' rows follow when
-# the run closes, all in one go. On the embedded sqlite store a log_batch call took 25-45 ms of
-# CPU from inside a training process (5 ms from an idle one) plus ~0.07 ms a row; at the
-# chapter's 30-40 epochs a second on 2 cores, a call a second with every row took ~4% of the
-# training time, a call a second with the newest epoch's rows still ~3.7%.
+# the run closes, all in one go. Every call costs the store CPU that training shares, and the
+# chapter's epochs are short, so a call per epoch would slow training noticeably.
 METRICS_EVERY_S = 5.0
 MAX_METRICS_PER_CALL = 1000  # MLflow's limit for one log_batch
-
-
-def background_cpu_s() -> float:
-    """CPU seconds used so far by every Python thread of this process but the main one: in a
-    training process, tracking's (the sender, MLflow's system-metrics monitor and its other
-    helpers). What a drift-free comparison of tracking on and off can rest on: on a machine whose
-    speed drifts by more than tracking costs, timing the two runs cannot tell them apart, but
-    this CPU is all tracking can take from training, the GIL included. 0 where /proc is missing.
-    """
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    total = 0
-    for thread in threading.enumerate():
-        if thread is threading.main_thread() or thread.native_id is None:
-            continue
-        try:
-            stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
-        except OSError:  # not Linux, or the thread just ended
-            continue
-        fields = stat.rsplit(")", 1)[1].split()  # after the name, which may hold spaces
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
 
 
 class Tracker(Protocol):
@@ -362,10 +336,9 @@ class MlflowTracker:
         if stats.epoch in self.logged_epochs:  # a resumed job recomputed it identically
             return
         now = int(time.time() * 1000)
-        # Every row costs the store: ~0.15 ms of CPU each on the embedded sqlite one, at ~60
-        # epochs a second. So no row says what another does: the learning rate only when it
-        # changes, each rank's rate only with several ranks, and epoch seconds are tokens over
-        # tokens_per_s.
+        # Every row costs the store CPU, and the chapter's epochs are short. So no row says what
+        # another does: the learning rate only when it changes, each rank's rate only with
+        # several ranks, and epoch seconds are tokens over tokens_per_s.
         by_rank = stats.tokens_per_s_by_rank if len(stats.tokens_per_s_by_rank) > 1 else ()
         values = {
             "train_perplexity": stats.perplexity,

@@ -3,7 +3,7 @@ chapter calls: ``RNNModel``, ``seq_data_iter_sequential``, ``grad_clipping``,
 ``train_epoch_ch8``, ``train_ch8`` and ``predict_ch8``.
 
 It is the yardstick, not part of the job: the benchmarks time it as the baseline and
-``tests/test_numerics.py`` checks that the job's faster code computes the same losses. It keeps
+``tests/test_numerics.py`` checks that the job computes the same losses. It keeps
 the chapter's habits on purpose -- one-hot inputs, ``float()`` of every loss and a Python-side
 comparison of the gradient norm at every step, prediction with autograd on -- because those are
 what the chapter's loop costs. Only two things differ: the offsets come from a seeded
@@ -11,7 +11,7 @@ what the chapter's loop costs. Only two things differ: the offsets come from a s
 
 Run it as the benchmarks do::
 
-    python -m rnnlm.reference --corpus ../shared/data/timemachine.txt --epochs 500 --out r.json
+    python benchmarks/chapter_loop.py --corpus timemachine.txt --epochs 500 --out r.json
 """
 
 from __future__ import annotations

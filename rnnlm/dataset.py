@@ -1,0 +1,47 @@
+"""The training data of a job: the corpus fetched, tokenised, encoded, and cut into a training
+slice and a held-out slice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from rnnlm import corpus
+from rnnlm.config import DataConfig
+from rnnlm.errors import FlagError
+from rnnlm.vocab import Vocab
+
+
+@dataclass(frozen=True)
+class Dataset:
+    vocab: Vocab
+    train_ids: Tensor  # (N,) token ids of the training slice
+    val_ids: Tensor  # held-out ids right after it (empty: no validation)
+    path: Path
+    sha1: str
+
+
+def cache_dir(config: DataConfig) -> Path:
+    """``--cache-dir``, else $RNNLM_CACHE_DIR or ~/.cache/rnnlm."""
+    return Path(config.cache_dir) if config.cache_dir else corpus.default_cache_dir()
+
+
+def load_dataset(config: DataConfig) -> Dataset:
+    """The vocabulary is built from the WHOLE corpus, then the training slice is cut (d2l)."""
+    path = corpus.fetch(config.corpus, config.resolved_sha1(), cache_dir(config))
+    tokens = corpus.load_tokens(path, config.preprocess)
+    vocab = Vocab.build(tokens, min_freq=config.min_freq)
+    ids = torch.tensor(vocab.encode(tokens), dtype=torch.long)
+    train_end = config.max_tokens if config.max_tokens > 0 else len(ids) - config.val_tokens
+    train_ids, val_ids = ids[:train_end], ids[train_end : train_end + config.val_tokens]
+    if config.val_tokens and len(val_ids) < config.batch_size + 1:
+        raise FlagError(
+            "--val-tokens",
+            f"only {len(val_ids)} tokens follow the training slice, too few for one validation "
+            f"token per row of the batch ({config.batch_size}); pass --val-tokens 0 or use less "
+            "--max-tokens.",
+        )
+    return Dataset(vocab, train_ids, val_ids, path, corpus.sha1_of(path))

@@ -1,0 +1,244 @@
+"""The composition root: corpus -> vocab -> per-rank batches -> model -> loop -> artifacts.
+
+:class:`Trainer` builds every part of a job once, from the config (and, where an extension
+applies, from its :class:`~rnnlm.steps.TrainSpec`), and :meth:`Trainer.fit` trains. It runs
+inside a process group (see :mod:`rnnlm.distributed`); the entry points in ``jobs/`` only parse
+flags, compose the parts and call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import random
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rnnlm import artifacts, checkpoint
+from rnnlm.batching import check_corpus_length, epoch_batches
+from rnnlm.config import TrainConfig
+from rnnlm.dataset import Dataset, load_dataset
+from rnnlm.distributed import DistInfo, StopVote, wrap_model
+from rnnlm.errors import FlagError
+from rnnlm.evaluate import evaluate, validation_batches
+from rnnlm.generate import generate
+from rnnlm.loop import Epoch, train_epoch
+from rnnlm.model import RNNLM
+from rnnlm.progress import Progress
+from rnnlm.records import EpochProgress, EpochStats, History
+from rnnlm.resume import Checkpointer, Preempted, Resumed
+from rnnlm.steps import TrainSpec, make_step
+from rnnlm.tracking import NullTracker, Tracker, standard_tags
+from rnnlm.vocab import Vocab
+
+log = logging.getLogger(__name__)
+STARTUP_RECORDS_WAIT_S = 10.0  # at most this long for the tracking run's opening records
+
+TrackerFactory = Callable[[str | None], Tracker]  # MLflow run id to continue -> tracker
+CORE = TrainSpec()  # the framework's model and step
+
+
+@dataclass
+class TrainResult:
+    module: RNNLM
+    vocab: Vocab
+    history: History
+    model_dir: Path | None = None
+
+
+def prepare(config: TrainConfig, info: DistInfo) -> Dataset:
+    """Check every input and load the data: all a user can get wrong fails here, before any
+    tracking run is created or any training step taken."""
+    config.validate(info.world_size)
+    config.runtime.check_device(info.device.type)
+    if info.is_main:
+        _check_output_dir(Path(config.output.output_dir))
+        if config.checkpoint.checkpoint_dir:
+            checkpoint.check_writable(Path(config.checkpoint.checkpoint_dir))
+    data = load_dataset(config.data)
+    check_corpus_length(
+        len(data.train_ids), config.data.batch_size, config.data.num_steps, info.world_size
+    )
+    return data
+
+
+def _check_output_dir(path: Path) -> None:
+    """Fail before training, not after it, when the model could not be written there."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FlagError(
+            "--output-dir", f"{existing} is a file, not a directory; pass a directory path."
+        )
+    try:  # a real probe: permission bits say nothing for root or read-only mounts
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise FlagError(
+            "--output-dir", f"cannot write in {existing} ({exc.strerror}); pass a writable path."
+        ) from None
+
+
+class Trainer:
+    """One job's parts, built once: the model (DDP-wrapped across ranks), the optimizer, the
+    step, the data layout, the checkpointer. Every rank builds one; only the main rank samples,
+    reports and writes the model, through objects that do nothing elsewhere."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        info: DistInfo,
+        data: Dataset,
+        spec: TrainSpec = CORE,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.config, self.info, self.data, self.spec = config, info, data, spec
+        model_config = dataclasses.replace(config.model, vocab_size=len(data.vocab))
+        torch.manual_seed(config.training.seed)  # same initial weights on every rank
+        self.module = spec.model_class(model_config).to(info.device)
+        self.vote = StopVote(stop)  # set by SIGTERM; agreed by all ranks at the same step
+        model = wrap_model(self.module, info, self.vote)
+        optimizer = torch.optim.SGD(self.module.parameters(), lr=config.training.lr)
+        local_batch = (config.data.batch_size // info.world_size, config.data.num_steps)
+        self.step = make_step(
+            spec, model, optimizer, config.training.clip, config.runtime, local_batch
+        )
+        self.rng = random.Random(config.training.seed)  # shared: every rank draws the same
+        self.history = History()
+        self.checkpointer = Checkpointer(config, info, self.step, data.vocab, self.history,
+                                         self.vote)  # fmt: skip
+        self.train_ids = data.train_ids.to(info.device)  # minibatches are views: no copy
+        self.val_batches = []
+        if len(data.val_ids):
+            rows = (config.data.batch_size, config.data.num_steps, info.rank, info.world_size)
+            self.val_batches = validation_batches(data.val_ids, *rows)
+        self.tracker: Tracker = NullTracker()
+        self.progress = Progress(config.training.epochs, config.output.log_every, False)
+        log.info("training path: %s", spec.name)
+
+    def fit(self, make_tracker: TrackerFactory | None = None) -> TrainResult:
+        """Train from the newest checkpoint (if any) to the last epoch; raises
+        :class:`~rnnlm.resume.Preempted` after a checkpoint when the job was told to stop."""
+        found = self.checkpointer.find()
+        resumed = self.checkpointer.restore(found, self.rng) if found is not None else None
+        if make_tracker is not None:
+            self.tracker = make_tracker(resumed.mlflow_run_id if resumed else None)
+        self.checkpointer.mlflow_run_id = self.tracker.run_id
+        status = "FAILED"
+        try:
+            self._open_run(resumed)
+            self._train(resumed)
+            result = self._finish()
+            status = "FINISHED"
+            return result
+        except Preempted:
+            status = "RUNNING"  # the retried job continues the same run
+            raise
+        finally:
+            self.tracker.close(status)
+
+    def run_epoch(self, number: int, progress: EpochProgress | None = None) -> EpochStats:
+        """Train one epoch (from ``progress`` when resuming one part-way)."""
+        data = self.config.data
+        epoch_rng = self.rng.getstate()  # what a mid-epoch checkpoint needs to redo the layout
+        batches = epoch_batches(self.train_ids, data.batch_size, data.num_steps, data.sampling,
+                                self.rng, self.info.rank, self.info.world_size)  # fmt: skip
+        epoch = Epoch(number, batches, data.sampling == "random", progress)
+        after_step = functools.partial(self.checkpointer.after_step, number, epoch_rng)
+        return train_epoch(self.step, epoch, self.info, after_step)
+
+    def _open_run(self, resumed: Resumed | None) -> None:
+        if resumed is not None:
+            self.tracker.resume(self.history)
+        else:
+            info, data = self.info, self.data
+            tags = standard_tags(info.world_size, info.backend, str(info.device),
+                                 self.config.data.corpus, data.sha1)  # fmt: skip
+            self.tracker.log_config(self.config.to_flat(), {**tags, "train_path": self.spec.name})
+            self.tracker.log_dataset(self.config.data.corpus, data.sha1, len(data.train_ids))
+            self.tracker.log_artifact_text(data.vocab.to_json(), "vocab.json")
+        # The run's opening records go out before the first step rather than during the first
+        # epochs, where the sender thread would compete with training (bounded: an unreachable
+        # server must not hold training up; its records keep being retried).
+        if not self.tracker.wait_sent(STARTUP_RECORDS_WAIT_S):
+            log.warning("MLflow is slow: training starts before the run's first records are sent")
+
+    def _train(self, resumed: Resumed | None) -> None:
+        first = resumed.epoch if resumed else 1
+        epochs = self.config.training.epochs
+        self.progress = Progress(epochs, self.config.output.log_every, self.info.is_main,
+                                 done=first - 1)  # fmt: skip
+        try:
+            for number in range(first, epochs + 1):
+                partial = resumed.progress if resumed and number == resumed.epoch else None
+                self._after_epoch(self.run_epoch(number, partial))
+        finally:
+            self.progress.close()
+
+    def _after_epoch(self, stats: EpochStats) -> None:
+        self.history.epochs.append(stats)
+        extra: dict[str, float] = {}
+        if self.val_batches:
+            self.history.val_perplexity.append(evaluate(self.module, self.val_batches, self.info))
+            extra["val_perplexity"] = self.history.val_perplexity[-1]
+        self.history.extra_metrics.append(extra)
+        self.tracker.log_epoch(stats, extra)
+        self.progress.update(stats)
+        output, last = self.config.output, stats.epoch == self.config.training.epochs
+        if self.info.is_main and stats.epoch % output.sample_every == 0 and not last:
+            self._sample(stats.epoch, output.sample_prefixes[:1])
+        self.checkpointer.after_epoch(stats.epoch, self.rng.getstate())
+
+    def _sample(self, epoch: int, prefixes: tuple[str, ...]) -> None:
+        texts = generate(
+            self.module, self.data.vocab, prefixes, self.config.output.num_sample_chars
+        )
+        for prefix, text in zip(prefixes, texts, strict=True):
+            self.history.samples.append((epoch, prefix, text))
+            self.tracker.log_sample(epoch, prefix, text)
+            self.progress.write(f"epoch {epoch}: {text}")
+
+    def _finish(self) -> TrainResult:
+        """The final samples, the model written and registered (main rank)."""
+        result = TrainResult(module=self.module, vocab=self.data.vocab, history=self.history)
+        if not self.info.is_main:
+            return result
+        epochs, history = self.config.training.epochs, self.history
+        history.samples[:] = [s for s in history.samples if s[0] != epochs]
+        self._sample(epochs, self.config.output.sample_prefixes)
+        final = history.epochs[-1]
+        log.info("perplexity %.1f, %.1f tokens/sec on %s",
+                 final.perplexity, final.tokens_per_s, self.info.device)  # fmt: skip
+        summary = {"train_perplexity": final.perplexity}
+        if history.val_perplexity:
+            summary["val_perplexity"] = history.val_perplexity[-1]
+        result.model_dir = artifacts.write_model_dir(
+            Path(self.config.output.output_dir), self.module, self.data.vocab,
+            self._train_info(summary),
+        )  # fmt: skip
+        self.tracker.log_model(result.model_dir, summary)
+        log.info("model written to %s", result.model_dir)
+        return result
+
+    def _train_info(self, summary: dict[str, float]) -> dict[str, object]:
+        """``train.json``: the settings and the figures of every epoch."""
+        epochs = self.history.epochs
+        return {
+            "config": self.config.to_flat(),
+            "final": summary,
+            "train_path": self.spec.name,
+            "corpus_sha1": self.data.sha1,
+            "world_size": self.info.world_size,
+            "perplexity_by_epoch": [s.perplexity for s in epochs],
+            "val_perplexity_by_epoch": self.history.val_perplexity,
+            "seconds_by_epoch": [s.seconds for s in epochs],
+            "tokens_by_epoch": [s.num_tokens for s in epochs],
+            "first_step_time": epochs[0].started_at,  # time.time() seconds
+            "mlflow_run_id": self.tracker.run_id,
+        }

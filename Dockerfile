@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # rnnlm training image, CPU or CUDA (build argument VARIANT), plus the MLflow tracking server
-# image (target tracking-server). See README "Container image".
+# image (target tracking-server). See docs/kubernetes.md, "The images".
 #
 #   docker build -t rnnlm:0.1.0-cpu .
 #   docker build --build-arg VARIANT=cuda -t rnnlm:0.1.0-cuda .
@@ -23,19 +23,20 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 # --- CPU: a virtual environment with torch's CPU wheel, copied into a clean image -------------
 FROM ${PYTHON_IMAGE} AS venv-cpu
 ARG TORCH_VERSION=2.13.0
-# gcc builds the compiled recurrence (python -m rnnlm.native) into the installed package, so the
-# runtime image needs no compiler. DL3008 (unpinned apt packages): Debian's gcc of this base
-# image is what the kernel is written for; a pin would break on the image's next point release.
+# gcc and g++ build the optional CPU kernel extension (python -m rnnlm.extensions.cpu_kernel)
+# into the installed package, so the runtime image needs no compiler. DL3008 (unpinned apt
+# packages): Debian's compilers of this base image are what the kernel is written for; a pin
+# would break on the image's next point release.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu \
     "torch==${TORCH_VERSION}"
 COPY --from=wheel /dist /dist
 RUN /opt/venv/bin/pip install --no-cache-dir /dist/*.whl \
- && /opt/venv/bin/python -m rnnlm.native
+ && /opt/venv/bin/python -m rnnlm.extensions.cpu_kernel
 
 FROM ${PYTHON_IMAGE} AS runtime-cpu
 COPY --from=venv-cpu /opt/venv /opt/venv

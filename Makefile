@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (see README):
 #   make train    set up, then train with the chapter's defaults and print samples
-#   make test     set up, then lint, type-check and run the whole test suite
+#   make test     set up, then lint, type-check, check the import layers and run every test
 #
 # TORCH pins the CPU wheel that CI machines carry; on a GPU machine use
 # `make TORCH=torch ...` (any release the project's range admits).
@@ -27,6 +27,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/pytest $(ARGS)

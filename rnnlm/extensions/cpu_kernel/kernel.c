@@ -1,21 +1,21 @@
-/* The chapter's recurrence h_t = tanh(h_{t-1} W_hh^T + b_hh + pre_t) and its backward pass,
- * one call per sequence instead of several framework operations per time step.
+/* The chapter's model (one tanh RNN layer, the output layer, the mean cross-entropy), one
+ * training step forward and backward in one call (rnnlm_rnn_train_step), and d2l's gradient
+ * clipping with the SGD update in one call (rnnlm_clip_sgd). ops.cpp binds both as PyTorch
+ * operators; nothing here knows of PyTorch.
  *
- * The matrix products are this file's own (matmul_panels): W_hh is reorganised once per call
- * into panels of two vectors' width that stay in the L1 cache, and a tile of up to MR rows x NR
- * columns accumulates in registers, every output element one chain of fused multiply-adds over
- * k in order. Because each element is computed the same way whatever tile its row falls in and
- * whatever the vector width, splitting the batch across ranks, or across this process's threads
- * (run_split), changes no bit, and the AVX-512 build computes the AVX2 build's bits.
- * A 35-step forward call on 16 rows, one thread, took 0.63-0.66 ms with the AVX2 build and
- * 0.37-0.42 ms with the AVX-512 build on an AMD EPYC Zen 5 (on a Zen 4: 0.77 ms with the AVX2
- * build, 0.99 ms with MKL's packed products; torch's BLAS takes its AVX2 path on AMD). The
- * elementwise work of a step is one fused pass (which, for the first layer, also looks the
- * inputs up in the embedding table). rnnlm_matmul, further down, runs the language model's
- * other products on the same tiles; rnnlm_linear_cross_entropy, at the end, its output layer and
- * training loss with their gradients, in one call.
- * Built by rnnlm/native/__init__.py: x86-64 with AVX2 and FMA, or with -DRNNLM_AVX512 and
- * AVX-512 F/DQ; gcc's OpenMP.
+ * The matrix products are this file's own (matmul_panels, rnnlm_matmul): the right-hand matrix
+ * is reorganised once per call into panels of two vectors' width that stay in the L1 cache, and
+ * a tile of up to MR rows x NR columns accumulates in registers, every output element one chain
+ * of fused multiply-adds over k in order. Because each element is computed the same way
+ * whatever tile its row falls in and whatever the vector width, splitting the batch across
+ * ranks or across this process's threads (run_split) changes no bit, and the AVX-512 build
+ * computes the AVX2 build's bits. The recurrence's elementwise work of a step is one fused pass
+ * that also looks the inputs up in the first layer's table (one_hot(x) W_ih^T + b_ih is row x
+ * of W_ih^T + b_ih). The backward pass keeps in its time loop only what is truly sequential,
+ * dh_{t-1} = dz_t W_hh, and computes the weight gradient of W_hh as one large product after it.
+ *
+ * Built by build.py: x86-64 with AVX2 and FMA, or with -DRNNLM_AVX512 and AVX-512 F/DQ; gcc's
+ * OpenMP, whose runtime is the one PyTorch loads (the same soname).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -338,7 +338,7 @@ static int run_split(void (*work)(const struct rows_job *), struct rows_job prot
  * row ids[t][b] is step t's input for row b (the embedding lookup, without writing the lookup
  * out); w_hh: (hidden, hidden) row-major; b_hh: (hidden).
  * Returns 0, -1 when out of memory, -2 for an id outside [0, table_rows). */
-int tanh_recurrence_forward(int steps, int batch, int hidden, const float *pre,
+static int tanh_recurrence_forward(int steps, int batch, int hidden, const float *pre,
                             const int64_t *ids, int table_rows, const float *w_hh,
                             const float *b_hh, float *hs, int threads) {
     for (int64_t i = 0; ids && i < (int64_t)steps * batch; i++)
@@ -351,8 +351,7 @@ int tanh_recurrence_forward(int steps, int batch, int hidden, const float *pre,
 
 /* Sums over the rows of dz (rows x hidden), row by row in order: grad_b (hidden), when given,
  * := the column sums; grad_table (table_rows x hidden), when given, := the rows of dz added up
- * by ids (the gradient of a lookup). Threads take ranges of columns, so no sum depends on them;
- * the framework's sum and index_add took 0.1 ms here for 1,120 x 256 (Zen 3). */
+ * by ids (the gradient of a lookup). Threads take ranges of columns, so no sum depends on them. */
 static void column_sums(int64_t rows, int hidden, const float *dz, const int64_t *ids,
                         int table_rows, float *grad_b, float *grad_table, int threads) {
     const int chunks = (hidden + VL - 1) / VL;
@@ -385,7 +384,7 @@ static void column_sums(int64_t rows, int hidden, const float *dz, const int64_t
  * hidden), when given, the gradient of the first layer's table: dz's rows added up by ids
  * (steps, batch), the ids the forward pass looked up. Returns 0, -1 when out of memory, -2
  * for an id outside [0, table_rows). */
-int tanh_recurrence_backward(int steps, int batch, int hidden, const float *outs,
+static int tanh_recurrence_backward(int steps, int batch, int hidden, const float *outs,
                              const float *grad_out, const float *w_hh, float *dh, float *dz,
                              float *scratch, const int64_t *ids, int table_rows, float *grad_b,
                              float *grad_table, int threads) {
@@ -406,12 +405,10 @@ int tanh_recurrence_backward(int steps, int batch, int hidden, const float *outs
  * chain of fused multiply-adds over k in order, whatever the split over `threads` OpenMP
  * threads. The inner dimension is taken KC at a time (a tile resumes its chain from the partial
  * sums stored in c, which changes no bit): B's panels for those KC rows are packed, then
- * (panel, block of rows) items are shared out. Without the blocking, the weight gradient's
- * panels (1,120 x 16 floats) overflowed the L1 cache: 3.0 ms against 2.0 ms blocked (Zen 3,
- * AVX2, one thread, 256 x 1,120 x 256). The language model's other products go through here:
- * the weight gradient of W_hh and the output layer's three. Returns 0, or -1 when out of
- * memory. */
-int rnnlm_matmul(int m, int n, int k_dim, const float *a, int64_t a_row, int64_t a_k,
+ * (panel, block of rows) items are shared out; without the blocking, the panels of a long inner
+ * dimension (the weight gradient's: all time steps of all rows) would overflow the L1 cache.
+ * Returns 0, or -1 when out of memory. */
+static int rnnlm_matmul(int m, int n, int k_dim, const float *a, int64_t a_row, int64_t a_k,
                  const float *b, int64_t b_k, int64_t b_j, float *c, int threads) {
     enum { ROW_BLOCK = 8 * MR };
     if (m <= 0 || n <= 0) return 0;
@@ -498,7 +495,7 @@ static double row_cross_entropy(const float *x, int classes, int64_t target, flo
  * the row is; the row losses are summed in row order in double; so no result depends on
  * `threads`. The layer's products are the tiles' (the bias added to the finished product, as
  * nn.Linear does). Returns 0, -1 when out of memory, -2 for a target outside [0, classes). */
-int rnnlm_linear_cross_entropy(int rows, int hidden, int classes, const float *x,
+static int rnnlm_linear_cross_entropy(int rows, int hidden, int classes, const float *x,
                                const float *w, const float *b, const int64_t *targets,
                                float *logits, float *mean, float *grad_x, float *grad_w,
                                float *grad_b, int threads) {
@@ -626,8 +623,8 @@ static void clip_and_step(const squares_sum *sum, int count, float *const *param
 }
 
 /* d2l's gradient clipping and the SGD step, in one call over `count` parameters: norm = the L2
- * norm of all gradients together, then as clip_and_step. The framework took ~15 operations for
- * this: 0.3 ms of a 6 ms step (Zen 3). */
+ * norm of all gradients together, then as clip_and_step: one pass to sum the squares and one to
+ * scale and step, where the framework's clipping and optimizer make several. */
 void rnnlm_clip_sgd(int count, float *const *params, float *const *grads, const int64_t *sizes,
                     float *norm_out, float max_norm, float lr) {
     squares_sum sum = no_squares();
@@ -635,50 +632,15 @@ void rnnlm_clip_sgd(int count, float *const *params, float *const *grads, const 
     clip_and_step(&sum, count, params, grads, sizes, norm_out, max_norm, lr);
 }
 
-/* rnnlm_clip_sgd on the average of `world` ranks' gradients: rank r's lie at
- * slots + r * slot_stride, every parameter's after the one before (in the order of `params`).
- * Each gradient is first set to slot_0 / world + slot_1 / world + ... in rank order, the
- * additions of DDP's all-reduce of pre-divided gradients (torch.div's exact division), so every
- * rank gets the same bits, and the averaging, the norm's squares and the step are three passes
- * over the gradients instead of four and three calls. */
-void rnnlm_average_clip_sgd(int world, const float *slots, int64_t slot_stride, int count,
-                            float *const *params, float *const *grads, const int64_t *sizes,
-                            float *norm_out, float max_norm, float lr) {
-    squares_sum sum = no_squares();
-    const float world_f = (float)world;
-    const vec world_v = v_set1(world_f);
-    int64_t offset = 0;
-    for (int t = 0; t < count; t++) {
-        const float *first = slots + offset;
-        float *g = grads[t];
-        int64_t i = 0;
-        for (; i + VL <= sizes[t]; i += VL) {
-            vec acc = v_div(v_load(first + i), world_v);
-            for (int r = 1; r < world; r++)
-                acc = v_add(acc, v_div(v_load(first + r * slot_stride + i), world_v));
-            v_store(g + i, acc);
-        }
-        for (; i < sizes[t]; i++) {
-            float acc = first[i] / world_f;
-            for (int r = 1; r < world; r++) acc += first[r * slot_stride + i] / world_f;
-            g[i] = acc;
-        }
-        add_squares(&sum, g, sizes[t]);
-        offset += sizes[t];
-    }
-    clip_and_step(&sum, count, params, grads, sizes, norm_out, max_norm, lr);
-}
-
 /* One training step of the chapter's model (one tanh layer, the output layer, the mean
- * cross-entropy), forward and backward, in one call: the framework's autograd and the Python
- * around ~10 operations per step took 0.7-0.9 ms of a 3-5 ms step. Shapes: ids and targets
+ * cross-entropy), forward and backward, in one call. Shapes: ids and targets
  * (batch, steps), as minibatches come; h0 and h_last (batch, hidden); w_ih (hidden, vocab),
  * b_ih, b_hh (hidden), w_hh (hidden, hidden), w_out (classes, hidden), b_out (classes); every
  * gradient the shape of its parameter. b_ih's gradient is the column sums of grad_table
- * (vocab, hidden), the gradient of the table W_ih^T + b_ih: left to the caller, whose framework
- * sums in an order of its own (autograd's bits). The same operations as the model's compiled
- * path, so the same bits: the table, the recurrence, the output layer and loss (logits in
- * time-major order), backward through time from dL/dh_T = 0, dL/dW_hh = dz^T [h_0 .. h_{T-1}].
+ * (vocab, hidden), the gradient of the table W_ih^T + b_ih: left to the caller. In order: the
+ * table, the recurrence, the output layer and loss (logits in time-major order, as the model's),
+ * backward through time from dL/dh_T = 0 (the next minibatch starts from a detached state), and
+ * dL/dW_hh = dz^T [h_0 .. h_{T-1}].
  * Returns 0, -1 when out of memory, -2 for an id outside [0, vocab), -3 for a target outside
  * [0, classes). */
 int rnnlm_rnn_train_step(int steps, int batch, int hidden, int vocab, int classes,

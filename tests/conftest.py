@@ -76,3 +76,27 @@ def run_job(
 
 def read_train_info(model_dir: Path) -> dict:
     return json.loads((model_dir / "train.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private cache in which the CPU kernel extension is built once for the session, and
+    its operators loaded into this process."""
+    from rnnlm.extensions.cpu_kernel import build, ops
+
+    why = build.why_unavailable()
+    if why is not None:  # an ARM or pre-AVX2 host: the extension does not exist there
+        pytest.skip(f"the CPU kernel extension cannot run here: {why}")
+    cache = tmp_path_factory.mktemp("kernel-cache")
+    build.load(cache)
+    ops.register()
+    return cache
+
+
+@pytest.fixture(scope="session")
+def kernel_spec(kernel_cache: Path):  # -> rnnlm.steps.TrainSpec
+    """The extension's parts, as its ``train_spec`` returns them where it applies."""
+    from rnnlm.extensions.cpu_kernel import KernelRNNLM, KernelStep
+    from rnnlm.steps import TrainSpec
+
+    return TrainSpec("cpu-kernel", KernelRNNLM, KernelStep)

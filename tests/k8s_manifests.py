@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,12 +23,23 @@ import yaml
 from tests.conftest import ROOT
 
 K8S = ROOT / "k8s"
-# Every kustomization directory except components (which render only inside an overlay).
-OVERLAYS = sorted(
-    p.parent.relative_to(K8S).as_posix()
-    for p in K8S.glob("*/kustomization.yaml")
-    if "kind: Component" not in p.read_text()
-)
+# The names kustomize looks for in a directory.
+KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
+
+
+def find_overlays(k8s: Path) -> list[str]:
+    """Every kustomization directory under ``k8s``, at any depth, relative to it, except
+    components (``kind: Component``: they render only inside an overlay)."""
+    found = set()
+    for name in KUSTOMIZATION_FILES:
+        for path in k8s.rglob(name):
+            kind = (yaml.safe_load(path.read_text()) or {}).get("kind", "Kustomization")
+            if kind != "Component":
+                found.add(path.parent.relative_to(k8s).as_posix())
+    return sorted(found)
+
+
+OVERLAYS = find_overlays(K8S)
 TRAINING_OVERLAYS = ["train-job", "pytorchjob", "trainjob"]
 GPU = "nvidia.com/gpu"
 
@@ -91,9 +103,9 @@ def plain_env(container: Obj) -> dict[str, str]:
 
 
 def readme_secrets(admin_password: str, backend_store_uri: str) -> dict[str, dict[str, str]]:
-    """Stand-ins for the Secrets that README "Deploy the tracking server" creates by hand (the
-    manifests only refer to them, so rendering never yields them): the same names and keys
-    (tests/test_k8s_tracking.py checks them against the README), test values."""
+    """Stand-ins for the Secrets that docs/kubernetes.md ("Deploy the tracking server") creates
+    by hand (the manifests only refer to them, so rendering never yields them): the same names
+    and keys (tests/test_k8s_tracking.py checks them against the docs), test values."""
     return {
         "rnnlm-mlflow-server": {
             "MLFLOW_BACKEND_STORE_URI": backend_store_uri,

@@ -40,6 +40,7 @@ CASES = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_bad_flag(case: str, corpus_path: Path, tmp_path: Path) -> None:
     args, needles = CASES[case]
@@ -53,12 +54,14 @@ def test_bad_flag(case: str, corpus_path: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "mlflow.db").exists()  # no tracking run was started
 
 
+@pytest.mark.integration
 def test_missing_corpus_file(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = run_job(["--corpus", str(tmp_path / "nope.txt"), "--output-dir", str(out)])
     assert_refused(proc, "--corpus", "no such file", out=out)
 
 
+@pytest.mark.integration
 def test_empty_corpus(tmp_path: Path) -> None:
     (tmp_path / "empty.txt").write_text("1234\n")
     out = tmp_path / "out"
@@ -66,6 +69,7 @@ def test_empty_corpus(tmp_path: Path) -> None:
     assert_refused(proc, "--corpus", "no tokens", "--preprocess raw", out=out)
 
 
+@pytest.mark.integration
 def test_output_dir_under_a_file(corpus_path: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -74,6 +78,7 @@ def test_output_dir_under_a_file(corpus_path: Path, tmp_path: Path) -> None:
     assert_refused(proc, "--output-dir", "not a directory", out=out)
 
 
+@pytest.mark.integration
 def test_batch_not_divisible_by_ranks(corpus_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = run_job(
@@ -128,6 +133,7 @@ def test_ranks_other_than_0_leave_the_report_to_rank_0(
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.integration
 def test_short_corpus_across_ranks(corpus_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = run_job(

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from rnnlm import native
+from rnnlm.extensions.cpu_kernel import build
 from tests.conftest import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 
 
+@pytest.mark.integration
 def test_hadolint_finds_nothing() -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
         "hadolint"
@@ -59,6 +60,7 @@ def test_runs_as_a_numeric_non_root_user() -> None:
     assert users and all(u.split(":")[0].isdigit() and u.split(":")[0] != "0" for u in users)
 
 
+@pytest.mark.integration
 def test_wheel_carries_the_commands(tmp_path: Path) -> None:
     """The image installs the project as a wheel; its console scripts are what the image's CMD
     and the manifests call."""
@@ -75,41 +77,47 @@ def test_wheel_carries_the_commands(tmp_path: Path) -> None:
         names = set(zf.namelist())
         (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
         scripts = zf.read(entry_points).decode()
-    assert {"jobs/train.py", "jobs/torchrun.py", "rnnlm/pipeline.py"} <= names
+    assert {"jobs/train.py", "jobs/torchrun.py", "rnnlm/trainer.py"} <= names
     assert not any(n.startswith("tests/") for n in names)
     assert "rnnlm-train = jobs.train:main" in scripts
     assert "rnnlm-torchrun = jobs.torchrun:main" in scripts
-    assert "rnnlm/native/tanh_recurrence.c" in names  # the compiled recurrence's source
+    kernel = "rnnlm/extensions/cpu_kernel/"  # the optional extension's sources, built on use
+    assert {kernel + "kernel.c", kernel + "ops.cpp", kernel + "README.md"} <= names
 
 
-@pytest.mark.skipif(native.why_unavailable() is not None, reason="no compiled kernel here")
-def test_image_build_step_ships_the_compiled_kernel(tmp_path: Path) -> None:
-    """The CPU image runs ``python -m rnnlm.native`` after installing the wheel: the library
-    lands inside the installed package, one build per instruction set, and jobs load the one
-    their CPU takes from there (no compiler needed)."""
-    assert "python -m rnnlm.native" in DOCKERFILE.read_text()
+@pytest.mark.integration
+@pytest.mark.skipif(build.why_unavailable() is not None, reason="the extension is x86-64 only")
+def test_image_build_step_ships_the_cpu_kernel(tmp_path: Path) -> None:
+    """The CPU image runs ``python -m rnnlm.extensions.cpu_kernel`` after installing the wheel:
+    the library lands inside the installed package, one build per instruction set, readable by
+    the image's non-root user, and jobs load the one their CPU takes from there (no compiler
+    needed, nothing built into their cache)."""
+    assert "python -m rnnlm.extensions.cpu_kernel" in DOCKERFILE.read_text()
     site = tmp_path / "site"
     shutil.copytree(ROOT / "rnnlm", site / "rnnlm", ignore=shutil.ignore_patterns("*.so"))
     env = {**os.environ, "PYTHONPATH": str(site)}
     built = subprocess.run(
-        [sys.executable, "-m", "rnnlm.native"], capture_output=True, text=True, env=env,
-        cwd=tmp_path, timeout=120,
+        [sys.executable, "-m", "rnnlm.extensions.cpu_kernel"], capture_output=True, text=True,
+        env=env, cwd=tmp_path, timeout=600,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr
     shipped = [Path(line) for line in built.stdout.split()]
-    assert [p.name for p in shipped] == [native.library_name(isa) for isa in native.ISAS]
-    assert all(p.parent == site / "rnnlm" / "native" and p.exists() for p in shipped)
+    installed = site / "rnnlm" / "extensions" / "cpu_kernel"
+    assert [p.name for p in shipped] == [build.library_name(isa) for isa in build.ISAS]
+    assert all(p.parent == installed and p.stat().st_mode & 0o777 == 0o755 for p in shipped)
     check = (
-        "from pathlib import Path; from rnnlm import native; "
-        "print(native._built(Path('x'), native.chosen_isa()))"
+        "from pathlib import Path; from rnnlm.extensions.cpu_kernel import build; "
+        "print(build._library_for(build.chosen_isa(), Path('cache')))"
     )
     used = subprocess.run(
         [sys.executable, "-c", check], capture_output=True, text=True, env=env, cwd=tmp_path
     )
-    expected = site / "rnnlm" / "native" / native.library_name(native.chosen_isa())
+    expected = installed / build.library_name(build.chosen_isa())
     assert used.returncode == 0 and Path(used.stdout.strip()) == expected, used.stderr
+    assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.integration
 def test_default_command_prints_the_help() -> None:
     (cmd,) = re.findall(r'^CMD \["rnnlm-train", "--help"\]$', DOCKERFILE.read_text(), re.M)
     assert cmd

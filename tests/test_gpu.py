@@ -16,8 +16,10 @@ from rnnlm.config import ModelConfig, TrainConfig
 from rnnlm.corpus import tokenize
 from rnnlm.distributed import DistInfo
 from rnnlm.errors import FlagError
-from rnnlm.loop import SGD, EagerStep, GraphedStep, Step, train_epoch
+from rnnlm.loop import Epoch, train_epoch
 from rnnlm.model import RNNLM
+from rnnlm.records import State
+from rnnlm.steps import EagerStep, GraphedStep, Step
 from tests.conftest import ROOT, run_job
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -32,18 +34,21 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 )
 def test_cuda_options_are_refused_on_the_cpu(flags: dict, message: str) -> None:
     with pytest.raises(FlagError, match=message):
-        TrainConfig(device="cpu", **flags).validate()
-    # --device auto resolves late; the pipeline checks again once the device is known.
+        TrainConfig.from_flat({"device": "cpu", **flags}).validate()
+    # --device auto resolves late; the trainer checks again once the device is known.
+    runtime = TrainConfig.from_flat(flags).runtime
+    runtime.check(world_size=1)
     with pytest.raises(FlagError, match=message):
-        TrainConfig(**flags).validate_device("cpu")
-    TrainConfig(**flags).validate_device("cuda")
+        runtime.check_device("cpu")
+    runtime.check_device("cuda")
 
 
 def test_cuda_graphs_refuse_several_processes() -> None:
     with pytest.raises(FlagError, match=r"--cuda-graphs: the captured step runs in one process"):
-        TrainConfig(cuda_graphs=True).validate(world_size=2)
+        TrainConfig.from_flat({"cuda_graphs": True}).validate(world_size=2)
 
 
+@pytest.mark.integration
 def test_the_job_says_so_in_one_line(corpus_path: Path, tmp_path: Path) -> None:
     args = ["--corpus", str(corpus_path), "--output-dir", str(tmp_path / "m"), "--device", "cpu"]
     proc = run_job([*args, "--autocast", "bf16"])
@@ -52,6 +57,7 @@ def test_the_job_says_so_in_one_line(corpus_path: Path, tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.integration
 def test_gpu_benchmark_cli_works_without_a_gpu(tmp_path: Path) -> None:
     from benchmarks import bench_gpu
 
@@ -69,6 +75,7 @@ def test_gpu_benchmark_cli_works_without_a_gpu(tmp_path: Path) -> None:
     assert "--out" in help_text
 
 
+@pytest.mark.integration
 def test_gpu_benchmark_needs_only_torch_and_rnnlm() -> None:
     """It must run in a bare environment with torch: no mlflow, click, requests, safetensors
     (whatever torch itself happens to import is not counted)."""
@@ -90,32 +97,38 @@ def test_gpu_benchmark_tokenizes_as_the_job(corpus_path: Path) -> None:
     assert bench_gpu.d2l_tokens(text) == tokenize(text, "d2l")
 
 
+class RecordingStep:
+    """The step, keeping each minibatch's loss (a copy: a captured step returns the same
+    output buffer at every replay)."""
+
+    def __init__(self, step: Step) -> None:
+        self.step, self.module, self.optimizer = step, step.module, step.optimizer
+        self.losses: list[torch.Tensor] = []
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, state: State
+    ) -> tuple[torch.Tensor, torch.Tensor, State]:
+        loss, norm, state = self.step(x, y, state)
+        self.losses.append(loss.clone())
+        return loss, norm, state
+
+
 def _losses(step_kind: str, epochs: int = 2) -> list[float]:
+    """Every step's loss over ``epochs`` epochs of the job's loop on CUDA."""
     device = torch.device("cuda")
     torch.manual_seed(0)
     module = RNNLM(ModelConfig(28, num_hiddens=64)).to(device)
-    optimizer = SGD(module.parameters(), lr=1.0)
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
     autocast = torch.bfloat16 if "bf16" in step_kind else None
-    step: Step = EagerStep(module, module, optimizer, 1.0, autocast)
-    if "graphs" in step_kind:
-        step = GraphedStep(step, module, 8, 10)
-    corpus = torch.tensor([random.Random(1).randrange(28) for _ in range(3000)], device=device)
-    rng, losses = random.Random(0), []
-    for epoch in range(1, epochs + 1):
+    eager = EagerStep(module, optimizer, 1.0, autocast)
+    step = RecordingStep(GraphedStep(eager, 8, 10) if "graphs" in step_kind else eager)
+    text = random.Random(1)
+    corpus = torch.tensor([text.randrange(28) for _ in range(3000)], device=device)
+    rng = random.Random(0)
+    for number in range(1, epochs + 1):
         batches = epoch_batches(corpus, 8, 10, "sequential", rng)
-        train_epoch(
-            module,
-            module,
-            batches,
-            optimizer,
-            1.0,
-            False,
-            DistInfo(device=device),
-            epoch,
-            step,
-            losses,
-        )
-    return [float(v) for v in losses]
+        train_epoch(step, Epoch(number, batches, False), DistInfo(device=device))
+    return [float(v) for v in step.losses]
 
 
 @needs_cuda
@@ -132,6 +145,7 @@ def test_bf16_autocast_trains() -> None:
 
 
 @needs_cuda
+@pytest.mark.integration
 def test_the_job_runs_on_cuda_with_graphs(corpus_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "m"
     args = [

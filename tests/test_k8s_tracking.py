@@ -3,10 +3,11 @@
 The Deployment's ``mlflow server`` command and arguments are taken from the rendered overlay and
 run here unchanged except for what cannot be the same on one machine (each substitution is
 listed where it is made). Its environment is the container's, filled in as Kubernetes would:
-the basic-auth config file from the ConfigMap, the Secrets with the names and keys the README
-creates, the backend store a fresh database on the PostgreSQL server at 127.0.0.1:5432. Then a
-real 2-rank torchrun job logs to it with the credentials the jobs get, registers its model, and
-the sampling Job's exact command prints text from ``models:/rnnlm-timemachine@candidate``.
+the basic-auth config file from the ConfigMap, the Secrets with the names and keys that
+docs/kubernetes.md creates, the backend store a fresh database on the PostgreSQL server at
+127.0.0.1:5432. Then a real 2-rank torchrun job logs to it with the credentials the jobs get,
+registers its model, and the sampling Job's exact command prints text from
+``models:/rnnlm-timemachine@candidate``.
 
 Where no PostgreSQL answers on 127.0.0.1:5432 the tests skip, saying so.
 """
@@ -32,6 +33,9 @@ from mlflow import MlflowClient
 from tests.conftest import ROOT, free_port, job_env, read_train_info, run_job
 from tests.k8s_manifests import container_env, find, readme_secrets, render
 from tests.mlflow_server import stop_server, wait_healthy
+
+# Every test renders the manifests with kubectl, and most start a server and a job.
+pytestmark = pytest.mark.integration
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 # Trust authentication on the CI machines; the first role that exists is used.
@@ -134,7 +138,7 @@ def server(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     exe = shutil.which("mlflow", path=str(Path(sys.executable).parent))
     assert exe, f"mlflow is not installed beside {sys.executable}"
 
-    password = secrets.token_hex(16)  # as the README's `openssl rand -hex 16`
+    password = secrets.token_hex(16)  # as docs/kubernetes.md's `openssl rand -hex 16`
     # The Secret's backend store URI: the fresh database instead of the in-cluster
     # postgresql+psycopg://mlflow:$DB_PW@rnnlm-mlflow-db:5432/mlflow.
     secret_data = readme_secrets(password, backend_store_uri=database)
@@ -150,7 +154,7 @@ def server(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             [exe, *argv[1:]], env=env, cwd=volumes["/tmp"], stdout=out,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-    # --allowed-hosts admits "localhost:*" (the README's kubectl port-forward), not
+    # --allowed-hosts admits "localhost:*" (the docs' kubectl port-forward), not
     # 127.0.0.1, so this machine talks to it as localhost, as a port-forward does.
     url = f"http://localhost:{port}"
     try:
@@ -167,10 +171,10 @@ def connect(server: Server):
     return psycopg.connect(server.database.replace("postgresql+psycopg://", "postgresql://"))
 
 
-def test_readme_creates_the_secrets_the_tests_stand_in_for() -> None:
-    """The stand-in Secrets have the README's names and keys, and its user is the admin the
-    basic-auth config bootstraps, so what runs here is what the README deploys."""
-    readme = (ROOT / "README.md").read_text()
+def test_the_docs_create_the_secrets_the_tests_stand_in_for() -> None:
+    """The stand-in Secrets have the names and keys of docs/kubernetes.md, and its user is the
+    admin the basic-auth config bootstraps, so what runs here is what the docs deploy."""
+    readme = (ROOT / "docs" / "kubernetes.md").read_text()
     created = {
         m[1]: set(re.findall(r"--from-literal=(\w+)=", m[2]))
         for m in re.finditer(r"kubectl create secret generic ([\w-]+)((?:\\\n|[^\n])*)", readme)

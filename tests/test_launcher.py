@@ -9,7 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, job_env
+
+pytestmark = pytest.mark.integration  # every test runs the launcher and its workers
 
 BIN = Path(sys.executable).parent
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,17 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from tests.conftest import free_port, job_env, read_train_info, run_job
-from tests.k8s_manifests import container_env, find, readme_secrets, render, training_launch
+from tests.k8s_manifests import (
+    Launch,
+    container_env,
+    find,
+    readme_secrets,
+    render,
+    training_launch,
+)
 from tests.mlflow_server import mlflow_server
+
+pytestmark = pytest.mark.integration
 
 # Keep it small: the manifest trains the chapter's 500 epochs; flags given later win.
 EPOCHS = 3
@@ -27,28 +37,36 @@ JOB_NAME = "rnnlm-train"
 
 
 def pod_env(
-    launch,
+    launch: Launch,
     index: int,
     job_uid: str,
-    volumes: dict[str, Path],
+    volumes: Mapping[str, Path],
     rdzv: str,
     corpus: Path,
     tracking_uri: str,
-    secret_data: dict,
-) -> dict:
+    secret_data: Mapping[str, Mapping[str, str]],
+) -> dict[str, str]:
     """The container's environment as Kubernetes fills it in for pod ``index`` of the Job."""
     downward = {
         "metadata.labels['batch.kubernetes.io/job-name']": JOB_NAME,
         "metadata.labels['batch.kubernetes.io/controller-uid']": job_uid,
     }
-    env = container_env(
+    manifest = container_env(
         render(launch.overlay),
         launch.container,
         secret_data,
-        base=job_env(JOB_COMPLETION_INDEX=str(index)),
         downward=downward,
         resource_fields={"limits.cpu": "1"},  # both pods share this machine's two cores
     )
+    # Paths under the pod's volume mounts land in this test's stand-ins for the volumes. Only
+    # the manifest's values are pod paths: this machine's (PYTHONPATH, the corpus, the checkout)
+    # may lie under /tmp too, and are left as they are.
+    for name, value in manifest.items():
+        for mount, local in volumes.items():
+            if value == mount or value.startswith(mount + "/"):
+                manifest[name] = str(local) + value[len(mount) :]
+                break
+    env = {**job_env(JOB_COMPLETION_INDEX=str(index)), **manifest}
     # The name rnnlm-train-0.rnnlm-train resolves to pod 0; here pod 0 is this machine.
     host, _, _port = env["PET_RDZV_ENDPOINT"].rpartition(":")
     assert host == f"{JOB_NAME}-0.{launch.pod['subdomain']}"
@@ -56,19 +74,14 @@ def pod_env(
     env["RNNLM_CORPUS"] = str(corpus)  # the corpus from a volume rather than the URL
     # The Service name rnnlm-mlflow resolves to the tracking server; here it is on loopback.
     env["MLFLOW_TRACKING_URI"] = tracking_uri
-    # Paths under the pod's volume mounts land in this test's stand-ins for the volumes.
-    for name, value in env.items():
-        for mount, local in volumes.items():
-            if value == mount or value.startswith(mount + "/"):
-                env[name] = str(local) + value[len(mount) :]
     return env
 
 
 @pytest.fixture
 def auth_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A real ``mlflow server`` with basic-auth, as k8s/tracking runs it (sqlite here: the
-    PostgreSQL backend has its own test), and the Secrets the README creates for it."""
-    password = secrets.token_hex(16)  # as the README's `openssl rand -hex 16`
+    PostgreSQL backend has its own test), and the Secrets docs/kubernetes.md creates for it."""
+    password = secrets.token_hex(16)  # as docs/kubernetes.md's `openssl rand -hex 16`
     secret_data = readme_secrets(password, backend_store_uri="unused: sqlite here")
     server_secret = secret_data["rnnlm-mlflow-server"]
     server_env = job_env(

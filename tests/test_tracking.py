@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from rnnlm.artifacts import read_model_dir
 from rnnlm.generate import generate
-from rnnlm.tracking import background_cpu_s
+from rnnlm.records import EpochStats
 from tests.conftest import ROOT, free_port, job_env, read_train_info, run_job
 from tests.mlflow_server import mlflow_server, start_server, stop_server
 
@@ -43,7 +43,6 @@ def check_run(client: MlflowClient, out: Path) -> str:
     assert run.info.status == "FINISHED"
     info = read_train_info(out)
     assert info["mlflow_run_id"] == run.info.run_id
-    assert 0 <= info["background_cpu_s"] < sum(info["seconds_by_epoch"][1:]) + 5
     assert run.data.params["num_hiddens"] == "64" and run.data.params["epochs"] == str(EPOCHS)
     assert set(info["config"]) <= set(run.data.params)  # every config value
     tags = run.data.tags
@@ -95,6 +94,7 @@ def trained(server: str, tmp_path_factory, corpus_path: Path) -> Path:
     return out
 
 
+@pytest.mark.integration
 def test_two_rank_job_logs_one_complete_run_to_a_server(server: str, trained: Path) -> None:
     client = MlflowClient(server)
     run = client.get_run(check_run(client, trained))
@@ -103,35 +103,7 @@ def test_two_rank_job_logs_one_complete_run_to_a_server(server: str, trained: Pa
     )
 
 
-def test_background_cpu_counts_other_threads_only() -> None:
-    """What the job reports as tracking's CPU: every thread's but the main one's."""
-    before = background_cpu_s()
-    deadline = time.thread_time() + 0.3
-    while time.thread_time() < deadline:  # the main thread's own CPU: not counted
-        pass
-    assert background_cpu_s() - before < 0.1
-
-    def spin() -> None:
-        end = time.thread_time() + 0.3
-        while time.thread_time() < end:
-            pass
-        finished.wait()  # alive while measured: an ended thread's CPU leaves the sum
-
-    finished = threading.Event()
-    worker = threading.Thread(target=spin)
-    worker.start()
-    try:
-        time.sleep(0.05)
-        for _ in range(100):  # until it has spun its 0.3 s
-            if background_cpu_s() - before >= 0.25:
-                break
-            time.sleep(0.05)
-        assert background_cpu_s() - before >= 0.25
-    finally:
-        finished.set()
-        worker.join()
-
-
+@pytest.mark.integration
 def test_embedded_default_store(corpus_path: Path, tmp_path: Path) -> None:
     """No server, no MLFLOW_TRACKING_URI: MLflow's local sqlite store in the working dir."""
     out = tmp_path / "model"
@@ -150,6 +122,7 @@ def sample(server: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.integration
 def test_sampling_job_matches_in_process_greedy_generation(server: str, trained: Path) -> None:
     module, vocab = read_model_dir(trained)
     prefixes = ["time traveller", "the machine", "he said"]
@@ -174,6 +147,7 @@ def test_sampling_job_matches_in_process_greedy_generation(server: str, trained:
     assert all(len(r["text"]) == len(r["prefix"]) + 80 for r in records)
 
 
+@pytest.mark.integration
 def test_sampling_errors_name_what_exists(server: str, trained: Path) -> None:
     proc = run_job(
         ["--model-uri", "models:/rnnlm-timemachine@nope"], module="jobs.sample",
@@ -197,6 +171,7 @@ def test_sampling_errors_name_what_exists(server: str, trained: Path) -> None:
     assert mapped.returncode == 0 and mapped.stdout.startswith("Time Traveller!")
 
 
+@pytest.mark.integration
 def test_registered_artifacts_hold_no_pickle(server: str, trained: Path, tmp_path: Path) -> None:
     client = MlflowClient(server)
     version = client.get_model_version_by_alias("rnnlm-timemachine", "candidate")
@@ -223,6 +198,7 @@ def test_registered_artifacts_hold_no_pickle(server: str, trained: Path, tmp_pat
     assert "python_model.pkl" not in mlmodel and "model_code_path" in mlmodel
 
 
+@pytest.mark.integration
 def test_mlflow_models_serve_answers(server: str, trained: Path, tmp_path: Path) -> None:
     module, vocab = read_model_dir(trained)
     (expected,) = generate(module, vocab, ["time traveller"], 30)
@@ -254,6 +230,7 @@ def test_mlflow_models_serve_answers(server: str, trained: Path, tmp_path: Path)
         stop_server(proc)
 
 
+@pytest.mark.integration
 def test_unreachable_server_at_start_fails_before_training(
     corpus_path: Path, tmp_path: Path
 ) -> None:
@@ -267,6 +244,7 @@ def test_unreachable_server_at_start_fails_before_training(
     assert not out.exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.integration
 def test_server_stopped_mid_run_training_finishes(corpus_path: Path, tmp_path: Path) -> None:
     url, server = start_server(tmp_path / "server")
     out = tmp_path / "model"
@@ -305,7 +283,6 @@ def test_live_metrics_carry_the_newest_epoch_and_the_close_sends_the_rest(
     """While training, each metrics call carries only the newest epoch's rows (one call per
     METRICS_EVERY_S); the epochs in between reach the store when the run closes."""
     from rnnlm import tracking
-    from rnnlm.loop import EpochStats
 
     monkeypatch.setattr(tracking, "METRICS_EVERY_S", 0.0)
     settings = tracking.TrackingSettings(
@@ -345,7 +322,6 @@ def test_closing_sends_waiting_metrics_without_waiting_out_the_interval(
     end (and a preempted job's 10 s) must not wait up to METRICS_EVERY_S for it. With an hour's
     interval and 20 s to flush, waiting it out would leave epoch 2 unsent."""
     from rnnlm import tracking
-    from rnnlm.loop import EpochStats
 
     monkeypatch.setattr(tracking, "METRICS_EVERY_S", 3600.0)
 

@@ -13,6 +13,8 @@ from rnnlm.artifacts import read_model_dir
 from rnnlm.generate import generate
 from tests.conftest import read_train_info, run_job
 
+pytestmark = pytest.mark.integration  # every test runs the real job
+
 
 def train_args(corpus: Path, out: Path, *extra: str) -> list[str]:
     return [

@@ -10,7 +10,7 @@ failure is recorded in the JSON (with its traceback) and the others still run.
 
 Configurations, each timed over several repetitions (median, min, max of tokens/s):
 
-- ``chapter``: the chapter's loop (:mod:`rnnlm.reference`: one-hot, ``nn.RNN`` on cuDNN,
+- ``chapter``: the chapter's loop (:mod:`benchmarks.chapter_loop`: one-hot, ``nn.RNN`` on cuDNN,
   ``float()`` of the loss and a host-side clipping test at every step);
 - ``ours_fp32``: the job's step (cuDNN ``nn.RNN``, state on the device, no host sync per step);
 - ``ours_fp32_graphs``: the same step captured once as a CUDA graph (``--cuda-graphs``);
@@ -43,12 +43,14 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from rnnlm import reference  # noqa: E402
+from benchmarks import chapter_loop  # noqa: E402
 from rnnlm.batching import epoch_batches  # noqa: E402
 from rnnlm.config import ModelConfig  # noqa: E402
 from rnnlm.distributed import DistInfo  # noqa: E402
-from rnnlm.loop import SGD, EagerStep, GraphedStep, Step, train_epoch  # noqa: E402
+from rnnlm.loop import Epoch, train_epoch  # noqa: E402
 from rnnlm.model import RNNLM  # noqa: E402
+from rnnlm.records import State  # noqa: E402
+from rnnlm.steps import EagerStep, GraphedStep, Step  # noqa: E402
 from rnnlm.vocab import Vocab  # noqa: E402
 
 BOOK_TOKENS_PER_S = 279664.0  # the chapter's "perplexity 1.3, 279664.0 tokens/sec on cuda:0"
@@ -97,6 +99,22 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+class RecordingStep:
+    """A step that keeps each minibatch's loss (on the device: no host sync per step). A copy,
+    for a captured step returns the same output buffer at every replay."""
+
+    def __init__(self, step: Step) -> None:
+        self.step, self.module, self.optimizer = step, step.module, step.optimizer
+        self.losses: list[torch.Tensor] = []
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, state: State
+    ) -> tuple[torch.Tensor, torch.Tensor, State]:
+        loss, norm, state = self.step(x, y, state)
+        self.losses.append(loss.clone())
+        return loss, norm, state
+
+
 class Trainer:
     """One configuration: a fresh seeded model and optimizer, trained epoch by epoch."""
 
@@ -107,43 +125,33 @@ class Trainer:
         self.rng = random.Random(SEED)
         self.epoch = 0
         if name == "chapter":
-            self.net = reference.build(vocab_size, seed=SEED).to(device)
+            self.net = chapter_loop.build(vocab_size, seed=SEED).to(device)
             self.updater = torch.optim.SGD(self.net.parameters(), LR)
             return
         torch.manual_seed(SEED)
         self.module = RNNLM(ModelConfig(vocab_size)).to(device)
-        self.optimizer = SGD(self.module.parameters(), lr=LR)
+        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=LR)
         autocast = torch.bfloat16 if "bf16" in name else None
-        eager = EagerStep(self.module, self.module, self.optimizer, CLIP, autocast)
+        eager = EagerStep(self.module, self.optimizer, CLIP, autocast)
         self.step: Step = eager
         if name.endswith("graphs"):
-            self.step = GraphedStep(eager, self.module, BATCH, STEPS)
+            self.step = GraphedStep(eager, BATCH, STEPS)
 
     def run_epoch(self, step_losses: list[float] | None = None) -> tuple[float, int]:
         """One epoch; returns (perplexity, tokens)."""
         self.epoch += 1
         if self.name == "chapter":
-            batches = reference.seq_data_iter_sequential(self.ids, BATCH, STEPS, self.rng)
-            ppl, _, tokens = reference.train_epoch_ch8(
+            batches = chapter_loop.seq_data_iter_sequential(self.ids, BATCH, STEPS, self.rng)
+            ppl, _, tokens = chapter_loop.train_epoch_ch8(
                 self.net, batches, nn.CrossEntropyLoss(), self.updater, self.device, step_losses
             )
             return ppl, int(tokens)
-        losses: list[torch.Tensor] | None = [] if step_losses is not None else None
         batches = epoch_batches(self.corpus, BATCH, STEPS, "sequential", self.rng)
-        stats = train_epoch(
-            self.module,
-            self.module,
-            batches,
-            self.optimizer,
-            CLIP,
-            False,
-            DistInfo(device=self.device),
-            self.epoch,
-            self.step,
-            losses,
-        )
-        if step_losses is not None and losses is not None:
-            step_losses.extend(float(v) for v in losses)
+        step = self.step if step_losses is None else RecordingStep(self.step)
+        epoch = Epoch(self.epoch, batches, reset_state_every_batch=False)
+        stats = train_epoch(step, epoch, DistInfo(device=self.device))
+        if isinstance(step, RecordingStep) and step_losses is not None:
+            step_losses.extend(float(v) for v in step.losses)
         return stats.perplexity, stats.num_tokens
 
     def timed(self, epochs: int) -> tuple[float, float]:

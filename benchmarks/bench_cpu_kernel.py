@@ -38,6 +38,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.bench_cpu import machine  # noqa: E402
 from rnnlm.config import ModelConfig  # noqa: E402
 from rnnlm.extensions.cpu_kernel import KernelRNNLM, KernelStep, build, ops  # noqa: E402
 from rnnlm.model import RNNLM  # noqa: E402
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         times = time_steps(names, args.blocks, args.per_block)
         result = {
             "benchmark": "cpu_kernel",
+            "machine": machine(),
             "isa": isa,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,

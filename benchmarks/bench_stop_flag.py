@@ -33,6 +33,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
+from benchmarks.bench_cpu import machine  # noqa: E402
 from rnnlm.config import ModelConfig  # noqa: E402
 from rnnlm.distributed import StopVote, process_group, wrap_model  # noqa: E402
 from rnnlm.model import RNNLM  # noqa: E402
@@ -81,6 +82,7 @@ def report(ms: dict[str, list[float]], world_size: int, out: Path | None) -> Non
 
     result = {
         "benchmark": "stop_flag",
+        "machine": machine(),
         "world_size": world_size,
         "torch": torch.__version__,
         "threads_per_rank": torch.get_num_threads(),

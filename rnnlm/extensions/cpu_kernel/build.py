@@ -25,7 +25,6 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
 
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "kernel.c", HERE / "ops.cpp")
@@ -160,12 +159,16 @@ def _c_flags(isa: str) -> tuple[str, ...]:
 
 
 def _cxx_flags() -> list[str]:
+    from torch.utils import cpp_extension  # only to build: it imports setuptools
+
     abi = int(torch.compiled_with_cxx11_abi())
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     return ["-O2", "-std=c++20", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes]
 
 
 def _link_flags() -> list[str]:
+    from torch.utils import cpp_extension
+
     return [*(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu",
             "-fopenmp", "-lm"]  # fmt: skip
 

@@ -32,7 +32,7 @@ from rnnlm.dataset import cache_dir
 from rnnlm.distributed import DistInfo, process_group, read_env
 from rnnlm.resume import EXIT_PREEMPTED, Preempted, stop_on_signals
 from rnnlm.steps import TrainSpec
-from rnnlm.tracking import TrackingSettings, make_tracker
+from rnnlm.tracking import make_tracker
 from rnnlm.trainer import Trainer, prepare
 
 log = logging.getLogger("jobs.train")
@@ -57,10 +57,8 @@ def run(config: TrainConfig) -> None:
         setup_logging(info.rank, info.is_main)
         data = prepare(config, info)
         trainer = Trainer(config, info, data, train_spec(config, info), stop=lambda: bool(stop))
-        settings = tracking_settings(config)
         try:
-            trainer.fit(lambda run_id: make_tracker(config.tracking.tracking, info.is_main,
-                                                    settings, run_id))  # fmt: skip
+            trainer.fit(lambda run_id: make_tracker(config.tracking, info.is_main, run_id))
         except Preempted as exc:
             log.warning("%s; exiting so the job is retried", exc)
             sys.exit(EXIT_PREEMPTED)
@@ -74,18 +72,6 @@ def train_spec(config: TrainConfig, info: DistInfo) -> TrainSpec:
     from rnnlm.extensions import cpu_kernel
 
     return cpu_kernel.train_spec(config, info, cache_dir(config.data))
-
-
-def tracking_settings(config: TrainConfig) -> TrackingSettings:
-    tracking = config.tracking
-    return TrackingSettings(
-        uri=tracking.tracking_uri,
-        experiment=tracking.experiment,
-        run_name=tracking.run_name,
-        registered_model_name=tracking.registered_model_name,
-        alias=tracking.alias,
-        flush_timeout=tracking.tracking_timeout,
-    )
 
 
 def main() -> None:

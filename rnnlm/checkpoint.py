@@ -79,18 +79,32 @@ def save(directory: Path, payload: dict[str, Any], global_step: int, keep: int) 
     return target
 
 
+class EarlierFormat(ValueError):
+    """A checkpoint an earlier version of rnnlm wrote, which this one cannot resume."""
+
+
 def load(path: Path) -> dict[str, Any]:
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or not isinstance(payload.get("format"), int):
         raise ValueError("not an rnnlm checkpoint")
+    if payload["format"] != FORMAT:
+        raise EarlierFormat(f"format {payload['format']}, this version reads {FORMAT}")
     return payload
 
 
 def load_newest(directory: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads; broken ones are skipped with a warning."""
+    """The newest checkpoint that loads; broken ones are skipped with a warning. One of an
+    earlier format stops the job: resuming past it would start over, and keeping the newest
+    files by step could then delete every new checkpoint as soon as it is written."""
     for path in list_checkpoints(directory):
         try:
             return path, load(path)
+        except EarlierFormat as exc:
+            raise FlagError(
+                "--checkpoint-dir",
+                f"{path} was written by an earlier rnnlm ({exc}); pass --fresh to start over, "
+                "or use another --checkpoint-dir.",
+            ) from None
         except Exception as exc:  # truncated zip, planted pickle, foreign file...
             log.warning("skipping unusable checkpoint %s: %s", path, str(exc).splitlines()[0])
     return None

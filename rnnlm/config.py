@@ -168,6 +168,7 @@ class TrainingConfig(Section):
     seed: int = setting(0, "Seeds the weights and the (shared) minibatch layout.")
 
     def check(self, world_size: int) -> None:
+        super().check(world_size)
         _positive("--epochs", self.epochs)
         if not self.lr > 0:
             raise FlagError("--lr", f"got {self.lr}; the learning rate must be > 0, e.g. --lr 1.")
@@ -268,6 +269,7 @@ class OutputConfig(Section):
     log_every: int = setting(10, "Log a line every N epochs (when no progress bar is shown).")
 
     def check(self, world_size: int) -> None:
+        super().check(world_size)
         _positive("--sample-every", self.sample_every)
         _positive("--log-every", self.log_every)
         if self.num_sample_chars < 0:
@@ -295,6 +297,7 @@ class TrackingConfig(Section):
     )
 
     def check(self, world_size: int) -> None:
+        super().check(world_size)
         if not (self.tracking_timeout >= 0 and math.isfinite(self.tracking_timeout)):
             raise FlagError("--tracking-timeout", f"got {self.tracking_timeout}; pass 0 or more.")
 

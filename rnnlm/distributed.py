@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from rnnlm.errors import FlagError
@@ -121,9 +122,9 @@ def process_group(device_flag: str = "auto", timeout_s: float = 300.0) -> Iterat
 
 
 def _leave_together() -> None:
-    """Wait for every rank before tearing the group down: a rank that leaves while its peers
-    still work (rank 0 writing the model) was seen to abort at exit (SIGABRT) on gloo now and
-    then. Best effort: the job's work is done, so a failed wait is only a warning."""
+    """Wait for every rank before tearing the group down, so that no rank destroys its group
+    while a peer may still be inside a collective with it. Best effort: the job's work is
+    done, so a failed wait is only a warning."""
     if not dist.is_initialized():
         return
     try:
@@ -135,8 +136,8 @@ def _leave_together() -> None:
 def _init_group(info: DistInfo, backend: str, timeout: timedelta) -> None:
     # Under torchrun the launcher hosts the rendezvous store. Connecting to it explicitly, under
     # a prefix that includes the restart count, keeps a restarted worker group from reading the
-    # peer addresses the previous group left in the store (seen as 'Connection refused' or a
-    # hang on gloo after --max-restarts).
+    # peer addresses the previous group left in the store (which makes gloo refuse the
+    # connection or hang after --max-restarts).
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
@@ -173,12 +174,16 @@ class StopVote:
 
     def __init__(self, local: Callable[[], bool]) -> None:
         self.local = local
-        self.agreed = False
+        self.stopping = False
+        self.summed: torch.Tensor | None = None  # ranks that want to stop, from the last step
 
-    def observe_alone(self) -> bool:
-        """One process: nothing to agree with."""
-        self.agreed = self.agreed or self.local()
-        return self.agreed
+    def decide(self, distributed: bool) -> bool:
+        """After a step: whether every rank stops now (read on the host once per step)."""
+        if not distributed:
+            self.stopping = self.stopping or self.local()
+        elif self.summed is not None:
+            self.stopping = self.stopping or bool(self.summed.item() > 0)
+        return self.stopping
 
 
 def wrap_model(module: nn.Module, info: DistInfo, vote: StopVote) -> nn.Module:
@@ -196,23 +201,23 @@ def wrap_model(module: nn.Module, info: DistInfo, vote: StopVote) -> nn.Module:
 # No annotations on the hook: DDP checks them against its own types, and this module's
 # postponed (string) annotations would fail that check.
 def _average_with_stop_flag(vote, bucket):
-    """DDP's default hook (divide by the world size, then sum over the ranks), with one more
-    element on the first bucket: this rank's stop flag, summed into the number of ranks that
-    want to stop."""
-    world = dist.get_world_size()
+    """DDP's own averaging (``allreduce_hook``: divide by the world size, sum over the ranks)
+    for every bucket, except that the first carries one more element: this rank's stop flag,
+    which the same sum turns into the number of ranks that want to stop."""
+    if bucket.index() != 0:
+        world = dist.group.WORLD
+        assert world is not None  # the hook runs inside the job's process group
+        return default_hooks.allreduce_hook(world, bucket)
     grads = bucket.buffer()
-    carries_flag = bucket.index() == 0
-    flat = torch.empty(grads.numel() + carries_flag, dtype=grads.dtype, device=grads.device)
-    torch.div(grads, world, out=flat[: grads.numel()])
-    if carries_flag:
-        flat[-1] = float(vote.local())
+    flat = torch.empty(grads.numel() + 1, dtype=grads.dtype, device=grads.device)
+    torch.div(grads, dist.get_world_size(), out=flat[:-1])
+    flat[-1] = float(vote.local())
     done = dist.all_reduce(flat, async_op=True).get_future()
 
     def unpack(fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
         summed = fut.value()[0]
-        if carries_flag:
-            vote.agreed = vote.agreed or bool(summed[-1].item() > 0)
-        grads.copy_(summed[: grads.numel()])
+        vote.summed = summed[-1]
+        grads.copy_(summed[:-1])
         return grads
 
     return done.then(unpack)

@@ -110,7 +110,7 @@ class Checkpointer:
 
     def after_step(self, epoch: int, epoch_rng: Any, progress: EpochProgress) -> None:
         self.global_step += 1
-        stopping = self.vote.agreed if self.info.is_distributed else self.vote.observe_alone()
+        stopping = self.vote.decide(self.info.is_distributed)
         due = (
             self.settings.checkpoint_unit == "step"
             and self.global_step % self.settings.checkpoint_every == 0

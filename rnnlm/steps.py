@@ -11,6 +11,10 @@ whatever an optional extension supplies through a :class:`TrainSpec` -- are pick
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -45,12 +49,13 @@ class EagerStep:
         self.model, self.optimizer, self.clip = model, optimizer, clip
         self.module: RNNLM = cast(RNNLM, getattr(model, "module", model))  # DDP: .module
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.autocast = autocast
+        self.precision: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
+        if autocast is not None:  # the forward pass in ``autocast``, the update in fp32
+            device = self.params[0].device.type
+            self.precision = functools.partial(torch.autocast, device, dtype=autocast)
 
     def __call__(self, x: Tensor, y: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
-        with torch.autocast(
-            x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None
-        ):
+        with self.precision():
             loss, state = self.model(x, state, y)  # the mean over this rank's targets
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages gradients over ranks: the mean over the global batch

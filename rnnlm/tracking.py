@@ -22,13 +22,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import requests
 
 from rnnlm import __version__
+from rnnlm.config import TrackingConfig
 from rnnlm.errors import UserError
 from rnnlm.records import EpochStats, History
 
@@ -90,19 +90,6 @@ class NullTracker:
 
     def close(self, status: str) -> None:
         pass
-
-
-@dataclass(frozen=True)
-class TrackingSettings:
-    uri: str | None  # None: $MLFLOW_TRACKING_URI, else MLflow's embedded default (sqlite)
-    experiment: str
-    run_name: str | None
-    registered_model_name: str
-    alias: str
-    flush_timeout: float = 300.0
-    system_metrics_interval: float | None = (
-        None  # None: $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL or 10 s
-    )
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -226,7 +213,7 @@ class _Sender(threading.Thread):
 class MlflowTracker:
     """One MLflow run for the whole job, written by the main rank only."""
 
-    def __init__(self, settings: TrackingSettings, run_id: str | None = None) -> None:
+    def __init__(self, settings: TrackingConfig, run_id: str | None = None) -> None:
         import mlflow
         from mlflow import MlflowClient
 
@@ -235,7 +222,7 @@ class MlflowTracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # log lines only
         self.settings = settings
-        self.uri = resolve_uri(settings.uri)
+        self.uri = resolve_uri(settings.tracking_uri)
         check_server(self.uri)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
@@ -278,8 +265,9 @@ class MlflowTracker:
 
             monitor = SystemMetricsMonitor(
                 self._run_id,
-                sampling_interval=self.settings.system_metrics_interval
-                or float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 10)),
+                sampling_interval=float(
+                    os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 10)
+                ),
                 resume_logging=True,
                 tracking_uri=self.uri,
             )
@@ -493,7 +481,7 @@ class MlflowTracker:
                 "run status", lambda: self.client.set_terminated(self._run_id, status=status)
             )
         # A failing or preempted job must exit soon: the launcher kills it after ~30 s anyway.
-        timeout = self.settings.flush_timeout if status == "FINISHED" else 10.0
+        timeout = self.settings.tracking_timeout if status == "FINISHED" else 10.0
         unsent = self.sender.close(timeout)
         if unsent:
             log.warning(
@@ -505,10 +493,9 @@ class MlflowTracker:
             )
 
 
-def make_tracker(
-    enabled: bool, is_main: bool, settings: TrackingSettings, run_id: str | None = None
-) -> Tracker:
-    if enabled and is_main:
+def make_tracker(settings: TrackingConfig, is_main: bool, run_id: str | None = None) -> Tracker:
+    """The main rank's MLflow tracker where tracking is on; a null tracker everywhere else."""
+    if settings.tracking and is_main:
         return MlflowTracker(settings, run_id)
     return NullTracker()
 

@@ -79,3 +79,17 @@ def test_unwritable_directory_is_refused(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(FlagError, match="--checkpoint-dir: cannot write"):
         checkpoint.check_writable(blocker / "ckpts")
+
+
+def test_a_checkpoint_of_an_earlier_format_stops_the_job(tmp_path: Path) -> None:
+    """Resuming past it would silently start over, and the newest files kept by step number
+    would then be the earlier job's: one line names the way out instead."""
+    earlier = {**payload(900), "format": checkpoint.FORMAT - 1}
+    torch.save(earlier, checkpoint.path_for(tmp_path, 900))
+    checkpoint.save(tmp_path, payload(10), 10, keep=3)
+    with pytest.raises(
+        FlagError,
+        match=r"--checkpoint-dir: .*ckpt-0000000900.pt was written "
+        r"by an earlier rnnlm \(format 1, this version reads 2\); pass --fresh",
+    ):
+        checkpoint.load_newest(tmp_path)

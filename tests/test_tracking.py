@@ -15,6 +15,7 @@ import requests
 from mlflow import MlflowClient
 
 from rnnlm.artifacts import read_model_dir
+from rnnlm.config import TrackingConfig
 from rnnlm.generate import generate
 from rnnlm.records import EpochStats
 from tests.conftest import ROOT, free_port, job_env, read_train_info, run_job
@@ -285,12 +286,11 @@ def test_live_metrics_carry_the_newest_epoch_and_the_close_sends_the_rest(
     from rnnlm import tracking
 
     monkeypatch.setattr(tracking, "METRICS_EVERY_S", 0.0)
-    settings = tracking.TrackingSettings(
-        f"sqlite:///{tmp_path}/mlflow.db", "tests", None, "live", "candidate",
-        system_metrics_interval=600.0,
-    )  # fmt: skip
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "600")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = TrackingConfig(tracking_uri=uri, experiment="tests", registered_model_name="live")
     tracker = tracking.MlflowTracker(settings)
-    client, run_id = MlflowClient(settings.uri), tracker.run_id
+    client, run_id = MlflowClient(uri), tracker.run_id
     assert run_id is not None
 
     def epochs(first: int, last: int) -> None:
@@ -324,13 +324,12 @@ def test_closing_sends_waiting_metrics_without_waiting_out_the_interval(
     from rnnlm import tracking
 
     monkeypatch.setattr(tracking, "METRICS_EVERY_S", 3600.0)
-
-    settings = tracking.TrackingSettings(
-        f"sqlite:///{tmp_path}/mlflow.db", "tests", None, "closing", "candidate",
-        flush_timeout=20.0, system_metrics_interval=600.0,
-    )  # fmt: skip
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "600")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = TrackingConfig(tracking_uri=uri, experiment="tests",
+                              registered_model_name="closing", tracking_timeout=20.0)  # fmt: skip
     tracker = tracking.MlflowTracker(settings)
-    client, run_id = MlflowClient(settings.uri), tracker.run_id
+    client, run_id = MlflowClient(uri), tracker.run_id
     assert run_id is not None
     for epoch in (1, 2):  # epoch 1 goes at once; epoch 2's send then waits out the interval
         tracker.log_epoch(EpochStats(epoch, 5.0, 100, 0.01, 1e4, 1e4, 0.5, 1.0), {})

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,13 @@ CORPUS = Path(
     os.environ.get("RNNLM_TEST_CORPUS") or ROOT.parent / "shared" / "data" / "timemachine.txt"
 ).resolve()
 CORPUS_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
+# One private cache for the whole run (the CPU kernel extension is built there once): jobs
+# neither read nor fill the user's ~/.cache/rnnlm.
+TEST_CACHE = Path(tempfile.mkdtemp(prefix="rnnlm-tests-cache-"))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +44,7 @@ def free_port() -> int:
 def job_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RNNLM_"))}
     # Two ranks on two cores: one thread each, or small matmuls crawl.
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RNNLM_CACHE_DIR=str(TEST_CACHE), **extra)
     # As in an activated virtual environment: its tools (torchrun, uvicorn) are on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -79,18 +88,17 @@ def read_train_info(model_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private cache in which the CPU kernel extension is built once for the session, and
-    its operators loaded into this process."""
+def kernel_cache() -> Path:
+    """The run's private cache, with the CPU kernel extension built in it (once), and its
+    operators loaded into this process."""
     from rnnlm.extensions.cpu_kernel import build, ops
 
     why = build.why_unavailable()
     if why is not None:  # an ARM or pre-AVX2 host: the extension does not exist there
         pytest.skip(f"the CPU kernel extension cannot run here: {why}")
-    cache = tmp_path_factory.mktemp("kernel-cache")
-    build.load(cache)
+    build.load(TEST_CACHE)
     ops.register()
-    return cache
+    return TEST_CACHE
 
 
 @pytest.fixture(scope="session")

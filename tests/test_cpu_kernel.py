@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from rnnlm.extensions import cpu_kernel
 from rnnlm.extensions.cpu_kernel import KernelRNNLM, KernelStep, build
 from rnnlm.model import RNNLM
 from rnnlm.steps import EagerStep
-from tests.conftest import read_train_info, run_job
+from tests.conftest import job_env, read_train_info, run_job
 
 pytestmark = pytest.mark.integration  # builds the extension with the system's compilers
 
@@ -97,8 +99,12 @@ def test_one_process_takes_the_gradients_straight_from_the_operator(kernel_cache
         module = KernelRNNLM(ModelConfig(28, num_hiddens=32))
         model = Wrapper(module) if wrap else module
         step = KernelStep(model, torch.optim.SGD(module.parameters(), lr=0.5), 1.0)
-        assert (step.run == step.without_autograd) is not wrap
-        loss, norm, state = step(x, y, module.begin_state(6))
+        with torch.profiler.profile() as profile:
+            loss, norm, state = step(x, y, module.begin_state(6))
+        ran = {event.name for event in profile.events()}
+        assert "rnnlm_cpu::rnn_train_loss" in ran and "rnnlm_cpu::clip_sgd_" in ran
+        walked_back = any("Backward" in name and "rnn_train_loss" in name for name in ran)
+        assert walked_back is wrap, sorted(ran)
         assert loss.grad_fn is None and not state.requires_grad
         results.append([loss, norm, state, *module.parameters()])
     for alone, through_autograd in zip(*results, strict=True):
@@ -192,24 +198,67 @@ def test_a_failed_build_falls_back_unless_compiled_is_asked_for(
                               tmp_path / "cache")  # fmt: skip
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="giving a file to another user takes root")
-def test_nothing_is_loaded_from_a_cache_another_user_could_write(
-    kernel_cache: Path, tmp_path: Path
+def test_nothing_is_loaded_from_a_cache_others_could_write(
+    kernel_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A library is code: a cache folder or file that another user owns, or that group or
-    others may write, is refused before anything is loaded from it."""
-    library = kernel_cache / "cpu_kernel" / build.library_name(build.chosen_isa())
-    build.check_private(library)  # the session's own build passes
-    shared = tmp_path / "shared-cache" / "cpu_kernel"
-    shared.mkdir(parents=True, mode=0o777)
-    shared.chmod(0o777)
-    with pytest.raises(build.Unavailable, match="writable by other users"):
-        build.private_dir(shared)
-    planted = tmp_path / "planted.so"
-    planted.write_bytes(library.read_bytes())
-    os.chown(planted, 12345, 12345)
+    """A library is code: a cache folder, or a library in it, that group or others may write is
+    refused by ``load`` before anything is loaded from it (no installed build in the way)."""
+    monkeypatch.setattr(build, "HERE", tmp_path / "no-installed-build")
+    isa = build.chosen_isa()
+    shared = tmp_path / "shared-cache"
+    (shared / "cpu_kernel").mkdir(parents=True)
+    (shared / "cpu_kernel").chmod(0o777)
+    with pytest.raises(build.Unavailable, match="cpu_kernel is writable by other users"):
+        build.load(shared, isa)
+    mine = tmp_path / "my-cache"
+    library = build.private_dir(mine / "cpu_kernel") / build.library_name(isa)
+    library.write_bytes((kernel_cache / "cpu_kernel" / library.name).read_bytes())
+    library.chmod(0o775)  # a group member could have replaced it
+    with pytest.raises(build.Unavailable, match=f"{library.name} is writable by other users"):
+        build.load(mine, isa)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a file to another user takes root")
+def test_nothing_is_loaded_that_another_user_owns(
+    kernel_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(build, "HERE", tmp_path / "no-installed-build")
+    isa = build.chosen_isa()
+    library = build.private_dir(tmp_path / "cache" / "cpu_kernel") / build.library_name(isa)
+    library.write_bytes((kernel_cache / "cpu_kernel" / library.name).read_bytes())
+    library.chmod(0o700)
+    os.chown(library, 12345, 12345)
     with pytest.raises(build.Unavailable, match="belongs to user 12345"):
-        build.check_private(planted)
+        build.load(tmp_path / "cache", isa)
+
+
+STEP_BITS = """
+import hashlib, sys, torch
+from pathlib import Path
+from rnnlm.config import ModelConfig
+from rnnlm.extensions.cpu_kernel import KernelRNNLM, build, ops
+build.load(Path(sys.argv[1])); ops.register()
+torch.manual_seed(0)
+module = KernelRNNLM(ModelConfig(28, num_hiddens=40))
+x, y = torch.randint(0, 28, (7, 9)), torch.randint(0, 28, (7, 9))
+loss, state = module(x, module.begin_state(7), y)
+loss.backward()
+tensors = [loss, state, *(p.grad for p in module.parameters())]
+print(hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in tensors)).hexdigest())
+"""
+
+
+@pytest.mark.skipif(build.supported_isas() != ["avx512", "avx2"], reason="needs a CPU with AVX-512")
+def test_avx512_and_avx2_builds_compute_the_same_bits(kernel_cache: Path) -> None:
+    digests = set()
+    for isa in build.ISAS:
+        done = subprocess.run(
+            [sys.executable, "-c", STEP_BITS, str(kernel_cache)], capture_output=True,
+            text=True, env={**job_env(), build.ISA_ENV: isa}, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        digests.add(done.stdout.strip())
+    assert len(digests) == 1
 
 
 def test_the_models_parameters_are_the_cores(kernel_cache: Path) -> None:

@@ -82,11 +82,10 @@ def test_first_50_losses_equal_the_chapters_one_hot_loop(
     assert ours == pytest.approx(baseline, rel=1e-4)
 
 
-@pytest.mark.parametrize("spec", PATHS, indirect=True)
-def test_greedy_generation_equals_predict_ch8(corpus_path: Path, spec: TrainSpec) -> None:
+def test_greedy_generation_equals_predict_ch8(corpus_path: Path) -> None:
     """The chapter's model after 56 training steps, its weights loaded into the job's model:
     greedy text from both default prefixes is the chapter's ``predict_ch8`` text, character for
-    character."""
+    character. (Generation is the core's on every path: the extension changes training only.)"""
     vocab, ids = _chapter_data(corpus_path)
     net = chapter_loop.build(len(vocab), seed=0)
     updater = torch.optim.SGD(net.parameters(), lr=1.0)
@@ -96,7 +95,7 @@ def test_greedy_generation_equals_predict_ch8(corpus_path: Path, spec: TrainSpec
         chapter_loop.train_epoch_ch8(
             net, batches, nn.CrossEntropyLoss(), updater, torch.device("cpu")
         )
-    module = spec.model_class(ModelConfig(len(vocab)))
+    module = RNNLM(ModelConfig(len(vocab)))
     module.load_state_dict(net.state_dict())
     prefixes = ["time traveller", "traveller"]
     ours = generate(module, vocab, prefixes, 100)

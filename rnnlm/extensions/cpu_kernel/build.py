@@ -47,11 +47,16 @@ class UnsupportedCapability(ValueError):
     """$RNNLM_CPU_CAPABILITY names an instruction set this CPU does not have."""
 
 
-def why_unavailable() -> str | None:
-    """Why the kernel cannot run on this machine (platform, CPU), or None; compiles nothing."""
+def wrong_platform() -> str | None:
+    """Why this operating system or architecture is not the kernel's, or None."""
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"it is built for Linux x86-64, not {sys.platform} {platform.machine()}"
-    return None if supported_isas() else "this CPU lacks AVX2/FMA"
+    return None
+
+
+def why_unavailable() -> str | None:
+    """Why the kernel cannot run on this machine (platform, CPU), or None; compiles nothing."""
+    return wrong_platform() or (None if supported_isas() else "this CPU lacks AVX2/FMA")
 
 
 def supported_isas() -> list[str]:

@@ -222,6 +222,8 @@ def report(configs: list[Config]) -> dict[str, Any]:
         out["configurations"][c.name] = {
             "describe": c.describe,
             "tokens_per_s": summary([r.tokens_per_s for r in ok if r.tokens_per_s]),
+            # in run order, None where it failed: pairs can be pooled across runs
+            "tokens_per_s_by_repetition": [r.tokens_per_s for r in c.runs],
             "startup_s": summary([r.startup_s for r in ok if r.startup_s is not None]),
             "peak_rss_mb": summary([r.peak_rss_mb for r in ok if r.peak_rss_mb]),
             "final_perplexity": [r.final_perplexity for r in ok],

@@ -1,8 +1,8 @@
 """Where a job reports what happened: MLflow on the main rank, nothing elsewhere.
 
 The tracker is chosen once per process (:func:`make_tracker`): the main rank gets an
-:class:`MlflowTracker`, every other rank a :class:`NullTracker`, so call sites stay
-unconditional and no rank-0-only code ever calls a collective.
+:class:`MlflowTracker`, every other rank a :class:`Tracker` that records nothing, so call sites
+stay unconditional and no rank-0-only code ever calls a collective.
 
 Tracking must neither slow nor kill training. Everything after the start-up check is handed to
 one background thread that sends records in order and, while the server is unreachable, keeps
@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import requests
 
@@ -42,54 +42,24 @@ METRICS_EVERY_S = 5.0
 MAX_METRICS_PER_CALL = 1000  # MLflow's limit for one log_batch
 
 
-class Tracker(Protocol):
-    run_id: str | None
+class Tracker:
+    """What a job reports, where: this base records nothing (what non-main ranks and
+    ``--no-tracking`` get); :class:`MlflowTracker` records to MLflow."""
+
+    run_id: str | None = None
 
     def log_config(self, config: dict[str, Any], tags: dict[str, str]) -> None: ...
     def log_dataset(self, source: str, sha1: str, num_tokens: int) -> None: ...
     def log_epoch(self, stats: EpochStats, extra: dict[str, float]) -> None:
         """``extra``: metrics of the epoch beyond ``stats`` (validation)."""
-        ...
 
     def log_sample(self, epoch: int, prefix: str, text: str) -> None: ...
     def log_artifact_text(self, text: str, path: str) -> None: ...
     def log_model(self, model_dir: Path, summary: dict[str, float]) -> None: ...
     def resume(self, history: History) -> None: ...
-    def wait_sent(self, timeout: float) -> bool: ...
     def close(self, status: str) -> None: ...
-
-
-class NullTracker:
-    """Records nothing: non-main ranks, and jobs run with ``--no-tracking``."""
-
-    run_id: str | None = None
-
-    def log_config(self, config: dict[str, Any], tags: dict[str, str]) -> None:
-        pass
-
-    def log_dataset(self, source: str, sha1: str, num_tokens: int) -> None:
-        pass
-
-    def log_epoch(self, stats: EpochStats, extra: dict[str, float]) -> None:
-        pass
-
-    def log_sample(self, epoch: int, prefix: str, text: str) -> None:
-        pass
-
-    def log_artifact_text(self, text: str, path: str) -> None:
-        pass
-
-    def log_model(self, model_dir: Path, summary: dict[str, float]) -> None:
-        pass
-
     def wait_sent(self, timeout: float) -> bool:
         return True
-
-    def resume(self, history: History) -> None:
-        pass
-
-    def close(self, status: str) -> None:
-        pass
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -210,7 +180,7 @@ class _Sender(threading.Thread):
         return self.failed + pending
 
 
-class MlflowTracker:
+class MlflowTracker(Tracker):
     """One MLflow run for the whole job, written by the main rank only."""
 
     def __init__(self, settings: TrackingConfig, run_id: str | None = None) -> None:
@@ -443,11 +413,8 @@ class MlflowTracker:
         return np.asarray(Image.open(buffer).convert("RGB"))
 
     def _last_system_metrics(self) -> None:
-        """Stop MLflow's monitor, then send one last sample through the sender (bounded by its
-        deadline): the monitor publishes only after a full sampling interval, so a run shorter
-        than that would otherwise have no system metrics. Samples of an unfinished interval are
-        dropped first; the last sample's CPU figure covers the time since this thread's
-        previous one (for a short run, the whole run)."""
+        """Stop MLflow's monitor and send one last sample: the monitor publishes only after a
+        full sampling interval, so a run shorter than that would otherwise have none."""
         from mlflow.entities import Metric
 
         monitor = self.system_metrics
@@ -484,20 +451,16 @@ class MlflowTracker:
         timeout = self.settings.tracking_timeout if status == "FINISHED" else 10.0
         unsent = self.sender.close(timeout)
         if unsent:
-            log.warning(
-                "MLflow unreachable for %.0f s at the end: %d record(s) not sent (%s); "
-                "the model is saved locally.",
-                timeout,
-                len(unsent),
-                ", ".join(unsent[:5]),
-            )
+            what = ", ".join(unsent[:5])
+            log.warning("MLflow unreachable for %.0f s at the end: %d record(s) not sent (%s); "
+                        "the model is saved locally.", timeout, len(unsent), what)  # fmt: skip
 
 
 def make_tracker(settings: TrackingConfig, is_main: bool, run_id: str | None = None) -> Tracker:
     """The main rank's MLflow tracker where tracking is on; a null tracker everywhere else."""
     if settings.tracking and is_main:
         return MlflowTracker(settings, run_id)
-    return NullTracker()
+    return Tracker()
 
 
 def standard_tags(

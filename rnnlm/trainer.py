@@ -33,7 +33,7 @@ from rnnlm.progress import Progress
 from rnnlm.records import EpochProgress, EpochStats, History
 from rnnlm.resume import Checkpointer, Preempted, Resumed
 from rnnlm.steps import TrainSpec, make_step
-from rnnlm.tracking import NullTracker, Tracker, standard_tags
+from rnnlm.tracking import Tracker, standard_tags
 from rnnlm.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class Trainer:
         if len(data.val_ids):
             rows = (config.data.batch_size, config.data.num_steps, info.rank, info.world_size)
             self.val_batches = validation_batches(data.val_ids, *rows)
-        self.tracker: Tracker = NullTracker()
+        self.tracker = Tracker()  # records nothing unless fit() is given a factory
         self.progress = Progress(config.training.epochs, config.output.log_every, False)
         log.info("training path: %s", spec.name)
 

@@ -92,4 +92,36 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     unknown = sorted(set(data) - set(flat_fields()))
     if unknown:
         raise click.BadParameter(f"unknown settings {unknown}; use the flags' names with '_'.")
+    hints = _field_types()
+    for name, value in data.items():
+        if not _fits(value, hints[name]):
+            raise click.BadParameter(
+                f"{name}: {json.dumps(value)} is not {_kind(hints[name])}; "
+                f"write it as the flag {flag_name(flat_fields()[name])} takes it."
+            )
     ctx.default_map = {**(ctx.default_map or {}), **data}
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a JSON value has the field's type as written (1.9 is no int, "5" no number):
+    click would convert it silently, 1.9 epochs into 1."""
+    if isinstance(annotation, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typing.get_origin(annotation) is tuple:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, annotation)
+
+
+def _kind(annotation: Any) -> str:
+    names = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+    if isinstance(annotation, types.UnionType):
+        return " or ".join(_kind(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return names.get(annotation, "a list of strings")

@@ -17,9 +17,11 @@ x86-64 CPU, the optional kernel extension (:mod:`rnnlm.extensions.cpu_kernel`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -27,6 +29,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from jobs.common import setup_logging, user_errors
 from jobs.flags import config_from_flags, config_options
+from rnnlm import artifacts
 from rnnlm.config import TrainConfig
 from rnnlm.dataset import cache_dir
 from rnnlm.distributed import DistInfo, process_group, read_env
@@ -56,12 +59,14 @@ def run(config: TrainConfig) -> None:
     ):
         setup_logging(info.rank, info.is_main)
         data = prepare(config, info)
-        trainer = Trainer(config, info, data, train_spec(config, info), stop=lambda: bool(stop))
-        try:
-            trainer.fit(lambda run_id: make_tracker(config.tracking, info.is_main, run_id))
-        except Preempted as exc:
-            log.warning("%s; exiting so the job is retried", exc)
-            sys.exit(EXIT_PREEMPTED)
+        output = Path(config.output.output_dir)
+        with artifacts.claimed(output) if info.is_main else contextlib.nullcontext():
+            trainer = Trainer(config, info, data, train_spec(config, info), lambda: bool(stop))
+            try:
+                trainer.fit(lambda run_id: make_tracker(config.tracking, info.is_main, run_id))
+            except Preempted as exc:
+                log.warning("%s; exiting so the job is retried", exc)
+                sys.exit(EXIT_PREEMPTED)
 
 
 def train_spec(config: TrainConfig, info: DistInfo) -> TrainSpec:

@@ -13,10 +13,13 @@ Nothing here executes code on load, and nothing needs the training data director
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rnnlm.config import ModelConfig
-from rnnlm.errors import UserError
+from rnnlm.errors import FlagError, UserError
 from rnnlm.model import RNNLM
 from rnnlm.vocab import Vocab
 
@@ -33,6 +36,26 @@ WEIGHTS_PT = "model.pt"
 MODEL_CONFIG = "model.json"
 VOCAB = "vocab.json"
 TRAIN_INFO = "train.json"
+
+
+@contextlib.contextmanager
+def claimed(target: Path) -> Iterator[None]:
+    """Hold ``target`` for one job while the block runs: a second job given the same directory
+    is refused at its start, not after its training. The claim is a lock on a file beside the
+    directory, which the system drops when the process ends, however it ends."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.parent / f".{target.name}.lock"
+    with open(lock, "a") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FlagError(
+                "--output-dir",
+                f"another job is writing {target} (it holds {lock}); let it finish, or pass "
+                "another --output-dir.",
+            ) from None
+        yield
 
 
 def write_model_dir(

@@ -20,6 +20,7 @@ D2L_TIMEMACHINE_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.t
 D2L_TIMEMACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 
 CELLS = ("rnn", "gru", "lstm")
+MAX_SAMPLE_CHARS = 10_000  # a training job's samples are a glance at the model, not output
 CPU_KERNELS = ("auto", "compiled", "torch")
 
 
@@ -199,7 +200,7 @@ class RuntimeConfig(Section):
 
     def check(self, world_size: int) -> None:
         super().check(world_size)
-        _positive("--dist-timeout", self.dist_timeout)
+        _positive_seconds("--dist-timeout", self.dist_timeout)
         if self.cuda_graphs and world_size > 1:
             raise FlagError(
                 "--cuda-graphs",
@@ -272,8 +273,12 @@ class OutputConfig(Section):
         super().check(world_size)
         _positive("--sample-every", self.sample_every)
         _positive("--log-every", self.log_every)
-        if self.num_sample_chars < 0:
-            raise FlagError("--num-sample-chars", f"got {self.num_sample_chars}; pass 0 or more.")
+        if not 0 <= self.num_sample_chars <= MAX_SAMPLE_CHARS:
+            raise FlagError(
+                "--num-sample-chars",
+                f"got {self.num_sample_chars}; pass 0 to {MAX_SAMPLE_CHARS} (longer texts: "
+                "python -m jobs.sample).",
+            )
         if not self.sample_prefixes or not all(self.sample_prefixes):
             raise FlagError("--sample-prefix", "pass one or more non-empty prefixes.")
 
@@ -340,15 +345,7 @@ class TrainConfig:
 
 
 def _section_types() -> dict[str, type[Section]]:
-    return {
-        "data": DataConfig,
-        "model": ModelConfig,
-        "training": TrainingConfig,
-        "runtime": RuntimeConfig,
-        "checkpoint": CheckpointConfig,
-        "output": OutputConfig,
-        "tracking": TrackingConfig,
-    }
+    return {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}  # type: ignore[misc]
 
 
 def flat_fields() -> dict[str, dataclasses.Field[Any]]:
@@ -364,6 +361,11 @@ def flat_fields() -> dict[str, dataclasses.Field[Any]]:
 def _positive(flag: str, value: float) -> None:
     if not value > 0:
         raise FlagError(flag, f"got {value}; it must be greater than 0.")
+
+
+def _positive_seconds(flag: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise FlagError(flag, f"got {value}; pass a finite number of seconds, e.g. 300.")
 
 
 def _is_sha1(text: str) -> bool:

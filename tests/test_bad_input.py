@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from jobs import common
 from rnnlm.errors import FlagError
-from tests.conftest import run_job
+from tests.conftest import ROOT, job_env, run_job
 
 
 def assert_refused(proc, *needles: str, out: Path) -> None:
@@ -37,6 +39,16 @@ CASES = {
     "short-corpus": (["--max-tokens", "500"], ["--max-tokens", "500 tokens", "at least 1156"]),
     "bad-sha1": (["--corpus-sha1", "0" * 40], ["--corpus-sha1", "expected " + "0" * 40]),
     "bad-device": (["--device", "tpu"], ["--device"]),
+    "nan-tracking-timeout": (["--tracking-timeout", "nan"], ["--tracking-timeout", "nan"]),
+    "inf-dist-timeout": (["--dist-timeout", "inf"], ["--dist-timeout", "finite number"]),
+    "huge-samples": (["--num-sample-chars", "100000"], ["--num-sample-chars", "0 to 10000"]),
+}
+
+CONFIG_FILES = {
+    "a-number": ("5", "a JSON object of settings"),
+    "null": ("null", "a JSON object of settings"),
+    "fractional-epochs": ('{"epochs": 1.9}', "epochs: 1.9 is not a whole number"),
+    "string-lr": ('{"lr": "0.5"}', 'lr: "0.5" is not a number'),
 }
 
 
@@ -55,6 +67,54 @@ def test_bad_flag(case: str, corpus_path: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.integration
+@pytest.mark.parametrize("case", CONFIG_FILES, ids=list(CONFIG_FILES))
+def test_bad_config_file(case: str, corpus_path: Path, tmp_path: Path) -> None:
+    """A --config file that is no object of settings, or a value of the wrong type (which
+    click would convert silently: 1.9 epochs into 1), is one line and exit 2."""
+    text, needle = CONFIG_FILES[case]
+    (tmp_path / "config.json").write_text(text)
+    out = tmp_path / "out"
+    proc = run_job(
+        ["--config", str(tmp_path / "config.json"), "--corpus", str(corpus_path),
+         "--output-dir", str(out), "--no-tracking"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert_refused(proc, "--config", needle, out=out)
+
+
+@pytest.mark.integration
+def test_a_second_job_on_the_same_output_dir_is_refused_at_start(
+    corpus_path: Path, tmp_path: Path
+) -> None:
+    """Two jobs given one --output-dir: the second stops before training, in one line, while
+    the first goes on (its claim ends with its process)."""
+    out = tmp_path / "shared-out"
+    args = ["--corpus", str(corpus_path), "--output-dir", str(out), "--no-tracking",
+            "--cpu-kernel", "torch"]  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, "-m", "jobs.train", *args, "--epochs", "100000"], env=job_env(),
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert first.stderr is not None
+        for line in first.stderr:  # the first job trains once it reports an epoch
+            if "epoch 1:" in line:
+                break
+        second = run_job([*args, "--epochs", "1"], timeout=120)
+        assert second.returncode == 2
+        errors = [line for line in second.stderr.splitlines() if line.startswith("Error")]
+        assert len(errors) == 1 and "--output-dir: another job is writing" in errors[0]
+        assert "epoch 1:" not in second.stderr and first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+    again = run_job([*args, "--epochs", "1"])  # the claim went with the first job's process
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
 def test_missing_corpus_file(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = run_job(["--corpus", str(tmp_path / "nope.txt"), "--output-dir", str(out)])

@@ -94,6 +94,14 @@ def available_cores() -> int:
     return cores
 
 
+def share_cores(info: DistInfo) -> None:
+    """Give each rank of this node its share of the cores, whatever its device: a GPU rank's
+    CPU work (data, clipping, the launcher's OMP_NUM_THREADS taken from the pod's CPU limit)
+    would otherwise run every core's worth of threads in every rank."""
+    if info.local_world_size > 1:
+        torch.set_num_threads(threads_per_rank(info.local_world_size))
+
+
 def threads_per_rank(local_world_size: int) -> int:
     """Share the cores among the ranks of this node: with more OpenMP threads than cores, the
     threads of an RNN's small matrix products wait on one another far longer than they
@@ -106,8 +114,7 @@ def process_group(device_flag: str = "auto", timeout_s: float = 300.0) -> Iterat
     """Join the torchrun job this process belongs to (if any) and leave it on the way out."""
     info = read_env(os.environ)
     device = resolve_device(device_flag, info.local_rank)
-    if device.type == "cpu" and info.local_world_size > 1:
-        torch.set_num_threads(threads_per_rank(info.local_world_size))
+    share_cores(info)
     backend = None
     if info.world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -42,6 +42,19 @@ def signature():  # -> mlflow.models.ModelSignature
     )
 
 
+SERVING_PACKAGES = ("torch", "safetensors", "numpy", "pandas", "mlflow")
+
+
+def requirements() -> list[str]:
+    """What serving the model installs: the releases it was trained with, pinned, so that an
+    environment built for it (``mlflow models serve --env-manager virtualenv``) does not take
+    whatever is newest. torch is pinned without its build tag (``+cpu``, ``+cu128``), which
+    pip cannot install from PyPI: the serving machine's pip picks that release's wheel."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]
+
+
 def log_and_register(
     run_id: str, model_dir: Path, name: str, alias: str, summary: dict[str, float]
 ) -> int:
@@ -68,7 +81,7 @@ def log_and_register(
                 code_paths=[str(code)],
                 signature=signature(),
                 input_example=(pd.DataFrame({"prefix": ["time traveller"]}), {"num_chars": 20}),
-                pip_requirements=["torch", "safetensors", "numpy", "pandas", "mlflow"],
+                pip_requirements=requirements(),
                 registered_model_name=name,
             )
     version = int(info.registered_model_version)

@@ -197,6 +197,26 @@ def test_registered_artifacts_hold_no_pickle(server: str, trained: Path, tmp_pat
         assert not (head[:1] == b"\x80" and head[1:2] in bytes(range(2, 6))), f"pickle: {path}"
     mlmodel = (local / "MLmodel").read_text()
     assert "python_model.pkl" not in mlmodel and "model_code_path" in mlmodel
+    # Only the core's source travels with the model: no extension, no compiled library.
+    assert not any("/extensions/" in n or n.endswith(".so") for n in names), sorted(names)
+
+
+@pytest.mark.integration
+def test_registered_model_pins_the_releases_it_was_trained_with(
+    server: str, trained: Path, tmp_path: Path
+) -> None:
+    """Serving it in a fresh environment installs these releases, not today's newest."""
+    from importlib.metadata import version
+
+    import mlflow
+
+    mlflow.set_tracking_uri(server)
+    local = Path(mlflow.artifacts.download_artifacts(
+        "models:/rnnlm-timemachine@candidate", dst_path=str(tmp_path)))  # fmt: skip
+    pinned = dict(line.split("==") for line in (local / "requirements.txt").read_text().split())
+    assert set(pinned) >= {"torch", "mlflow", "safetensors", "numpy", "pandas"}, pinned
+    assert pinned["torch"] == version("torch").split("+")[0]  # 2.13.0, not 2.13.0+cpu
+    assert pinned["mlflow"] == version("mlflow")
 
 
 @pytest.mark.integration

@@ -82,7 +82,7 @@ def test_wheel_carries_the_commands(tmp_path: Path) -> None:
     assert "rnnlm-train = jobs.train:main" in scripts
     assert "rnnlm-torchrun = jobs.torchrun:main" in scripts
     kernel = "rnnlm/extensions/cpu_kernel/"  # the optional extension's sources, built on use
-    assert {kernel + "kernel.c", kernel + "ops.cpp", kernel + "README.md"} <= names
+    assert {kernel + name for name in ("kernel.c", "kernel.h", "ops.cpp", "README.md")} <= names
 
 
 @pytest.mark.integration

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import bench_gpu
 from rnnlm.batching import epoch_batches
 from rnnlm.config import ModelConfig, TrainConfig
 from rnnlm.corpus import tokenize
@@ -18,8 +19,7 @@ from rnnlm.distributed import DistInfo
 from rnnlm.errors import FlagError
 from rnnlm.loop import Epoch, train_epoch
 from rnnlm.model import RNNLM
-from rnnlm.records import State
-from rnnlm.steps import EagerStep, GraphedStep, Step
+from rnnlm.steps import EagerStep, GraphedStep
 from tests.conftest import ROOT, run_job
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -59,8 +59,6 @@ def test_the_job_says_so_in_one_line(corpus_path: Path, tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_gpu_benchmark_cli_works_without_a_gpu(tmp_path: Path) -> None:
-    from benchmarks import bench_gpu
-
     args = bench_gpu.parse_args(["--out", str(tmp_path / "g.json"), "--quick"])
     assert args.quick and args.configs.split(",") == list(bench_gpu.CONFIGS)
     with pytest.raises(SystemExit):
@@ -91,26 +89,8 @@ def test_gpu_benchmark_needs_only_torch_and_rnnlm() -> None:
 
 
 def test_gpu_benchmark_tokenizes_as_the_job(corpus_path: Path) -> None:
-    from benchmarks import bench_gpu
-
     text = corpus_path.read_text()[:20_000]
     assert bench_gpu.d2l_tokens(text) == tokenize(text, "d2l")
-
-
-class RecordingStep:
-    """The step, keeping each minibatch's loss (a copy: a captured step returns the same
-    output buffer at every replay)."""
-
-    def __init__(self, step: Step) -> None:
-        self.step, self.module, self.optimizer = step, step.module, step.optimizer
-        self.losses: list[torch.Tensor] = []
-
-    def __call__(
-        self, x: torch.Tensor, y: torch.Tensor, state: State
-    ) -> tuple[torch.Tensor, torch.Tensor, State]:
-        loss, norm, state = self.step(x, y, state)
-        self.losses.append(loss.clone())
-        return loss, norm, state
 
 
 def _losses(step_kind: str, epochs: int = 2) -> list[float]:
@@ -121,7 +101,7 @@ def _losses(step_kind: str, epochs: int = 2) -> list[float]:
     optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
     autocast = torch.bfloat16 if "bf16" in step_kind else None
     eager = EagerStep(module, optimizer, 1.0, autocast)
-    step = RecordingStep(GraphedStep(eager, 8, 10) if "graphs" in step_kind else eager)
+    step = bench_gpu.RecordingStep(GraphedStep(eager, 8, 10) if "graphs" in step_kind else eager)
     text = random.Random(1)
     corpus = torch.tensor([text.randrange(28) for _ in range(3000)], device=device)
     rng = random.Random(0)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "kernel.c", HERE / "ops.cpp")
+SOURCES = (HERE / "kernel.c", HERE / "ops.cpp", HERE / "kernel.h")
 ISA_ENV = "RNNLM_CPU_CAPABILITY"
 # -ffp-contract=off: no multiply-add the source does not spell out, so the elementwise steps
 # round as the framework's do, and a row's bits do not depend on where a split puts it.

@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernel.h"
+
 /* One vector of VL floats and the operations this file uses on it, for either instruction set.
  * Each maps to one instruction with the same IEEE rounding in both, so the results agree. */
 #ifdef RNNLM_AVX512

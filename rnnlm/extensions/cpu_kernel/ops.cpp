@@ -12,17 +12,7 @@
 #include <tuple>
 #include <vector>
 
-extern "C" {
-int rnnlm_rnn_train_step(int steps, int batch, int hidden, int vocab, int classes,
-                         const int64_t* ids, const int64_t* targets, const float* h0,
-                         const float* w_ih, const float* b_ih, const float* w_hh,
-                         const float* b_hh, const float* w_out, const float* b_out,
-                         float* h_last, float* mean, float* grad_table, float* grad_w_ih,
-                         float* grad_w_hh, float* grad_b_hh, float* grad_w_out, float* grad_b_out,
-                         int threads);
-void rnnlm_clip_sgd(int count, float* const* params, float* const* grads, const int64_t* sizes,
-                    float* norm_out, float max_norm, float lr);
-}
+#include "kernel.h"
 
 namespace {
 

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from benchmarks.bench_cpu import machine  # noqa: E402
 from rnnlm.config import ModelConfig  # noqa: E402
-from rnnlm.distributed import StopVote, process_group, wrap_model  # noqa: E402
+from rnnlm.distributed import DistInfo, StopVote, process_group, wrap_model  # noqa: E402
 from rnnlm.model import RNNLM  # noqa: E402
 from rnnlm.steps import EagerStep  # noqa: E402
 
@@ -47,33 +47,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     with process_group("cpu") as info:
-        rows = 32 // info.world_size
-        gen = torch.Generator().manual_seed(info.rank)
-        x, y = (torch.randint(0, 28, (rows, 35), generator=gen) for _ in range(2))
-        steps = {}
-        for name in ("none", "hook", "all_reduce"):
-            torch.manual_seed(0)
-            module = RNNLM(ModelConfig(28))
-            if name == "hook":
-                model = wrap_model(module, info, StopVote(lambda: False))
-            else:
-                model = DistributedDataParallel(module, gradient_as_bucket_view=True)
-            steps[name] = EagerStep(model, torch.optim.SGD(module.parameters(), lr=0.01), 1.0)
-        flag = torch.zeros(1)
-        ms: dict[str, list[float]] = {name: [] for name in steps}
-        for block in range(-2, args.blocks):  # two warm-up blocks
-            for name in steps if block % 2 == 0 else list(steps)[::-1]:
-                state = steps[name].module.begin_state(rows)
-                dist.barrier()
-                start = time.perf_counter()
-                for _ in range(args.per_block):
-                    steps[name](x, y, state)
-                    if name == "all_reduce":
-                        dist.all_reduce(flag)
-                if block >= 0:
-                    ms[name].append((time.perf_counter() - start) / args.per_block * 1e3)
+        ms = measure(info, args.blocks, args.per_block)  # its DDP models end with the call
         if info.is_main:
             report(ms, info.world_size, args.out)
+
+
+def measure(info: DistInfo, blocks: int, per_block: int) -> dict[str, list[float]]:
+    rows = 32 // info.world_size
+    gen = torch.Generator().manual_seed(info.rank)
+    x, y = (torch.randint(0, 28, (rows, 35), generator=gen) for _ in range(2))
+    steps = {}
+    for name in ("none", "hook", "all_reduce"):
+        torch.manual_seed(0)
+        module = RNNLM(ModelConfig(28))
+        if name == "hook":
+            model = wrap_model(module, info, StopVote(lambda: False))
+        else:
+            model = DistributedDataParallel(module, gradient_as_bucket_view=True)
+        steps[name] = EagerStep(model, torch.optim.SGD(module.parameters(), lr=0.01), 1.0)
+    flag = torch.zeros(1)
+    ms: dict[str, list[float]] = {name: [] for name in steps}
+    for block in range(-2, blocks):  # two warm-up blocks
+        for name in steps if block % 2 == 0 else list(steps)[::-1]:
+            state = steps[name].module.begin_state(rows)
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(per_block):
+                steps[name](x, y, state)
+                if name == "all_reduce":
+                    dist.all_reduce(flag)
+            if block >= 0:
+                ms[name].append((time.perf_counter() - start) / per_block * 1e3)
+    return ms
 
 
 def report(ms: dict[str, list[float]], world_size: int, out: Path | None) -> None:

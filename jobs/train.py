@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +59,25 @@ def run(config: TrainConfig) -> None:
         stop_on_signals() as stop,
     ):
         setup_logging(info.rank, info.is_main)
-        data = prepare(config, info)
-        output = Path(config.output.output_dir)
-        with artifacts.claimed(output) if info.is_main else contextlib.nullcontext():
-            trainer = Trainer(config, info, data, train_spec(config, info), lambda: bool(stop))
-            try:
-                trainer.fit(lambda run_id: make_tracker(config.tracking, info.is_main, run_id))
-            except Preempted as exc:
-                log.warning("%s; exiting so the job is retried", exc)
-                sys.exit(EXIT_PREEMPTED)
+        preempted = fit(config, info, lambda: bool(stop))
+    # Only now, with the group gone: an exception leaving it would keep fit()'s frame, and with
+    # it the DDP module that holds the group, alive until interpreter exit.
+    if preempted:
+        log.warning("%s; exiting so the job is retried", preempted)
+        sys.exit(EXIT_PREEMPTED)
+
+
+def fit(config: TrainConfig, info: DistInfo, stop: Callable[[], bool]) -> str | None:
+    """Train; the reason when a signal stopped training early (a checkpoint is written)."""
+    data = prepare(config, info)
+    output = Path(config.output.output_dir)
+    with artifacts.claimed(output) if info.is_main else contextlib.nullcontext():
+        trainer = Trainer(config, info, data, train_spec(config, info), stop)
+        try:
+            trainer.fit(lambda run_id: make_tracker(config.tracking, info.is_main, run_id))
+        except Preempted as exc:
+            return str(exc)
+    return None
 
 
 def train_spec(config: TrainConfig, info: DistInfo) -> TrainSpec:

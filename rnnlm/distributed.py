@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -125,13 +126,15 @@ def process_group(device_flag: str = "auto", timeout_s: float = 300.0) -> Iterat
         _leave_together()
     finally:
         if dist.is_initialized():
+            # A DDP module (it holds the group) may sit in a reference cycle: freed only at
+            # interpreter exit, gloo's teardown now and then aborts (pytorch/pytorch#190489).
+            gc.collect()
             dist.destroy_process_group()
 
 
 def _leave_together() -> None:
-    """Wait for every rank before tearing the group down, so that no rank destroys its group
-    while a peer may still be inside a collective with it. Best effort: the job's work is
-    done, so a failed wait is only a warning."""
+    """No rank destroys its group while a peer may still be in a collective with it. Best
+    effort: the job's work is done, so a failed wait is only a warning."""
     if not dist.is_initialized():
         return
     try:
@@ -141,10 +144,9 @@ def _leave_together() -> None:
 
 
 def _init_group(info: DistInfo, backend: str, timeout: timedelta) -> None:
-    # Under torchrun the launcher hosts the rendezvous store. Connecting to it explicitly, under
-    # a prefix that includes the restart count, keeps a restarted worker group from reading the
-    # peer addresses the previous group left in the store (which makes gloo refuse the
-    # connection or hang after --max-restarts).
+    # Under torchrun the launcher hosts the rendezvous store. A prefix with the restart count
+    # keeps a restarted group from reading the peer addresses the previous group left there
+    # (gloo then refuses the connection or hangs after --max-restarts).
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
@@ -173,10 +175,8 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
 class StopVote:
     """Whether any rank wants to stop, agreed by all ranks at the same step.
 
-    Every rank must leave at the same minibatch (a rank that stops alone leaves the others
-    waiting in a collective). Rather than a collective of its own at every step, the flag rides
-    on the one the step already makes: DDP's gradient all-reduce (see :func:`wrap_model`). In
-    one process the local flag is the agreement.
+    Every rank must leave at the same minibatch (one that stops alone leaves the others in a
+    collective). The flag rides on DDP's gradient all-reduce (see :func:`wrap_model`).
     """
 
     def __init__(self, local: Callable[[], bool]) -> None:

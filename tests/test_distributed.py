@@ -1,12 +1,17 @@
-"""Process-group set-up that needs no peers: how a node's cores are shared among its ranks."""
+"""The process group's set-up and teardown: how a node's cores are shared among its ranks, and
+that nothing holds the group when it is destroyed."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from rnnlm import distributed
 from rnnlm.distributed import DistInfo
+from tests.conftest import run_job
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda:1"])
@@ -26,3 +31,16 @@ def test_every_rank_gets_its_share_of_the_cores_whatever_its_device(
         assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.integration
+def test_nothing_holds_the_group_when_it_is_destroyed(corpus_path: Path, tmp_path: Path) -> None:
+    """A DDP module still alive at teardown keeps the gloo group until interpreter exit, where
+    its destruction now and then aborted a finished worker (SIGABRT: a passing job failed)."""
+    flags = ["--corpus", str(corpus_path), "--output-dir", str(tmp_path / "model"),
+             "--epochs", "1", "--no-tracking"]  # fmt: skip
+    proc = run_job([str(tmp_path), *flags], nproc=2, module="tests.teardown_worker")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report == {"ddp_modules_alive": 0}, f"rank {rank}"

@@ -76,7 +76,7 @@ def pod_specs(obj: Obj) -> Iterator[Obj]:
     elif obj["kind"] == "PyTorchJob":
         for replica in spec["pytorchReplicaSpecs"].values():
             yield replica["template"]["spec"]
-    elif obj["kind"] == "ClusterTrainingRuntime":
+    elif obj["kind"] == "TrainingRuntime":
         for rjob in spec["template"]["spec"]["replicatedJobs"]:
             yield rjob["template"]["spec"]["template"]["spec"]
 
@@ -85,7 +85,7 @@ def job_specs(obj: Obj) -> Iterator[Obj]:
     """Every batch/v1 JobSpec an object carries (a Job, or a runtime's replicated jobs)."""
     if obj["kind"] == "Job":
         yield obj["spec"]
-    elif obj["kind"] == "ClusterTrainingRuntime":
+    elif obj["kind"] == "TrainingRuntime":
         for rjob in obj["spec"]["template"]["spec"]["replicatedJobs"]:
             yield rjob["template"]["spec"]
 
@@ -191,7 +191,9 @@ def training_launch(overlay: str) -> Launch:
         return Launch(overlay, "PyTorchJob", pod, container, nodes, nproc, _pet(nodes, nproc))
     if "TrainJob" in kinds:
         trainjob = find(objs, "TrainJob")
-        runtime = find(objs, "ClusterTrainingRuntime", trainjob["spec"]["runtimeRef"]["name"])
+        ref = trainjob["spec"]["runtimeRef"]
+        assert ref.get("kind") == "TrainingRuntime", f"{overlay}: use the namespaced runtime"
+        runtime = find(objs, "TrainingRuntime", ref["name"])
         (pod,) = pod_specs(runtime)
         (node,) = [c for c in pod["containers"] if c["name"] == "node"]
         trainer = trainjob["spec"]["trainer"]

@@ -38,6 +38,7 @@ from tests.k8s_manifests import (
 
 # The Kubeflow CRDs, kept out of the project (large, versioned by Kubeflow): beside the checkout.
 SCHEMAS = ROOT.parent / "shared" / "schemas"
+# Kubeflow Trainer v2.0: its TrainJob still has `podSpecOverrides` (later releases renamed it).
 CRD_FILES = {
     ("kubeflow.org", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml",
     ("trainer.kubeflow.org", "TrainJob"): "trainer.kubeflow.org_trainjobs.yaml",
@@ -45,6 +46,16 @@ CRD_FILES = {
         "trainer.kubeflow.org_clustertrainingruntimes.yaml"
     ),
 }
+# Trainer generates its namespaced TrainingRuntime from the same Go type as the cluster-scoped
+# one (TrainingRuntimeSpec); the shared schemas carry the latter only.
+SAME_SCHEMA_AS = {("trainer.kubeflow.org", "TrainingRuntime"): "ClusterTrainingRuntime"}
+# Core kinds the manifests may use, all namespaced; a kind outside this list needs a look.
+NAMESPACED_CORE_KINDS = {
+    "ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "ServiceAccount", "Job",
+    "Deployment", "StatefulSet", "NetworkPolicy", "Role", "RoleBinding",
+}  # fmt: skip
+# Objects an overlay starts; the GPU variant of a launcher replaces the CPU one by design.
+WORKLOAD_KINDS = {"Job", "PyTorchJob", "TrainJob", "Deployment"}
 # podFailurePolicy is GA from 1.31; also check the newest release kubernetes-validate knows.
 K8S_VERSIONS = ["1.31.0", kubernetes_validate.latest_version()]
 ALL_OVERLAYS = [o for o in OVERLAYS if o != "base"]
@@ -90,7 +101,7 @@ def test_overlay_renders_and_validates(overlay: str) -> None:
     for obj in objs:
         group = obj["apiVersion"].rpartition("/")[0]
         what = f"k8s/{overlay}: {obj['kind']}/{obj['metadata']['name']}"
-        if (group, obj["kind"]) in CRD_FILES:
+        if (group, obj["kind"]) in CRD_FILES or (group, obj["kind"]) in SAME_SCHEMA_AS:
             _validate_custom_resource(obj, what)
         else:
             for version in K8S_VERSIONS:
@@ -132,7 +143,7 @@ def _strict(schema: Any) -> Any:
 
 def _validate_custom_resource(obj: dict[str, Any], what: str) -> None:
     group, _, version = obj["apiVersion"].rpartition("/")
-    schema = _crd_schema(group, obj["kind"], version)
+    schema = _crd_schema(group, SAME_SCHEMA_AS.get((group, obj["kind"]), obj["kind"]), version)
     body = copy.deepcopy(obj)
     body["metadata"] = {}  # the CRD schema says only "object"; core metadata is checked elsewhere
     errors = sorted(
@@ -141,6 +152,34 @@ def _validate_custom_resource(obj: dict[str, Any], what: str) -> None:
     if errors:
         lines = [f"{'.'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in errors[:10]]
         pytest.fail(f"{what} does not match its CRD schema:\n" + "\n".join(lines))
+
+
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
+def test_every_object_is_namespaced(overlay: str) -> None:
+    """Applying an overlay needs rights in one namespace and changes nothing outside it (the
+    GPU overlay used to patch a cluster-scoped runtime: every CPU TrainJob of every namespace)."""
+    for obj in render(overlay):
+        group = obj["apiVersion"].rpartition("/")[0]
+        what = f"k8s/{overlay}: {obj['kind']}/{obj['metadata']['name']}"
+        if (group, obj["kind"]) in CRD_FILES:
+            crd = yaml.safe_load((SCHEMAS / CRD_FILES[(group, obj["kind"])]).read_text())
+            assert crd["spec"]["scope"] == "Namespaced", f"{what} is cluster-scoped"
+        elif (group, obj["kind"]) not in SAME_SCHEMA_AS:
+            assert obj["kind"] in NAMESPACED_CORE_KINDS, f"{what}: a kind the tests do not know"
+
+
+def test_overlays_side_by_side_leave_each_other_alone() -> None:
+    """In one namespace, an overlay applied beside another must not change what the other
+    relies on: an object both render under one name (the environment, the shared volume, a
+    runtime) is the same in both. Only the workload itself is replaced by its GPU variant."""
+    seen: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+    for overlay in ALL_OVERLAYS:
+        for obj in render(overlay):
+            if obj["kind"] in WORKLOAD_KINDS:
+                continue
+            key = (obj["kind"], obj["metadata"]["name"])
+            first, before = seen.setdefault(key, (overlay, obj))
+            assert obj == before, f"{key[0]}/{key[1]} differs between k8s/{first} and k8s/{overlay}"
 
 
 def test_strict_crd_validation_refuses_unknown_fields() -> None:
@@ -319,8 +358,9 @@ def test_pytorchjob_container_and_restart_policy() -> None:
 
 def test_trainjob_runtime_does_not_restart_failed_jobs() -> None:
     """A JobSet restart would rerun bad input; retries belong to the Job (podFailurePolicy)."""
-    runtime = find(render("trainjob"), "ClusterTrainingRuntime")
-    assert runtime["spec"]["template"]["spec"]["failurePolicy"]["maxRestarts"] == 0
+    for overlay in ("trainjob", "trainjob-gpu"):
+        runtime = find(render(overlay), "TrainingRuntime")
+        assert runtime["spec"]["template"]["spec"]["failurePolicy"]["maxRestarts"] == 0
 
 
 # --- images and security -----------------------------------------------------------------------

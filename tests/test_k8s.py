@@ -393,6 +393,132 @@ def test_pods_run_as_non_root_restricted(overlay: str) -> None:
                 assert sc.get("runAsUser", 1) != 0, (what, c["name"])
 
 
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
+def test_no_pod_mounts_a_service_account_token(overlay: str) -> None:
+    """None of them calls the Kubernetes API: a mounted token would only be there to steal."""
+    for obj in render(overlay):
+        for pod in pod_specs(obj):
+            assert pod.get("automountServiceAccountToken") is False, f"k8s/{overlay}: {obj['kind']}"
+
+
+@pytest.mark.parametrize("overlay", TRAINING_AND_GPU)
+def test_the_sigterm_checkpoint_fits_the_grace_period(overlay: str) -> None:
+    """On SIGTERM a worker finishes its step, writes a checkpoint, gives MLflow at most 10 s and
+    exits 143; torchrun allows its workers 30 s of that. The pod must not be killed first."""
+    grace = training_launch(overlay).pod.get("terminationGracePeriodSeconds")
+    assert grace is not None and grace >= 40, f"k8s/{overlay}: terminationGracePeriodSeconds"
+
+
+# --- network policies: who may connect to whom ----------------------------------------------
+# The labels the controllers add to the pods they create, beside the template's own.
+CONTROLLER_POD_LABELS = {
+    "Job": "batch.kubernetes.io/job-name",
+    "PyTorchJob": "training.kubeflow.org/job-name",
+    "TrainJob": "jobset.sigs.k8s.io/jobset-name",  # Trainer names the JobSet after it
+}
+
+
+def _pods(objs: tuple[dict[str, Any], ...]) -> dict[str, dict[str, str]]:
+    """Each kind of pod the objects create -> the labels it will carry."""
+    pods = {}
+    for obj in objs:
+        name, kind = obj["metadata"]["name"], obj["kind"]
+        if kind == "TrainingRuntime":
+            (trainjob,) = [o for o in objs if o["kind"] == "TrainJob"]
+            name, kind = trainjob["metadata"]["name"], "TrainJob"
+            templates = [
+                r["template"]["spec"]["template"]
+                for r in obj["spec"]["template"]["spec"]["replicatedJobs"]
+            ]
+        elif kind == "PyTorchJob":
+            templates = [r["template"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
+        elif kind in ("Job", "Deployment", "StatefulSet"):
+            templates = [obj["spec"]["template"]]
+        else:
+            continue
+        for template in templates:
+            labels = dict(template.get("metadata", {}).get("labels", {}))
+            if kind in CONTROLLER_POD_LABELS:
+                labels[CONTROLLER_POD_LABELS[kind]] = name
+            pods[f"{kind}/{name}"] = labels
+    return pods
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    ops = {
+        "In": lambda key, values: labels.get(key) in values,
+        "NotIn": lambda key, values: labels.get(key) not in values,
+        "Exists": lambda key, values: key in labels,
+        "DoesNotExist": lambda key, values: key not in labels,
+    }
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()) and all(
+        ops[e["operator"]](e["key"], e.get("values", []))
+        for e in selector.get("matchExpressions", [])
+    )
+
+
+def _admits(
+    policies: list[dict[str, Any]], to: dict[str, str], source: dict[str, str], port: int
+) -> bool:
+    """Whether a pod labelled ``source`` may open ``port`` on a pod labelled ``to`` (both in the
+    namespace of the policies), by the rules of NetworkPolicy ingress."""
+    selecting = [p for p in policies if _selects(p["spec"]["podSelector"], to)]
+    if not selecting:
+        return True  # no policy selects it: open to all
+    for policy in selecting:
+        assert policy["spec"]["policyTypes"] == ["Ingress"], policy["metadata"]["name"]
+        for rule in policy["spec"].get("ingress", []):
+            assert all(set(peer) == {"podSelector"} for peer in rule["from"]), "pods only"
+            ports = [p["port"] for p in rule.get("ports", [])]
+            if (not ports or port in ports) and any(
+                _selects(peer["podSelector"], source) for peer in rule["from"]
+            ):
+                return True
+    return False
+
+
+def _policies(objs: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == "NetworkPolicy"]
+
+
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
+def test_every_pod_is_behind_a_network_policy(overlay: str) -> None:
+    objs = render(overlay)
+    for pod, labels in _pods(objs).items():
+        assert any(_selects(p["spec"]["podSelector"], labels) for p in _policies(objs)), pod
+
+
+@pytest.mark.parametrize("overlay", TRAINING_AND_GPU)
+def test_training_pods_take_connections_only_from_their_own_job(overlay: str) -> None:
+    """The rendezvous store unpickles what its object collectives receive: only the job's own
+    pods may reach it, or the collectives' ports."""
+    objs = render(overlay)
+    policies = _policies(objs)
+    ((pod, labels),) = _pods(objs).items()
+    other_job = {
+        **labels,
+        **{k: "other-job" for k in CONTROLLER_POD_LABELS.values() if k in labels},
+    }
+    for port in (29400, 45000):  # the rendezvous store, a collective's port
+        assert _admits(policies, labels, labels, port), f"{overlay}: {pod} from its own job"
+        assert not _admits(policies, labels, other_job, port), f"{overlay}: from another job"
+        assert not _admits(policies, labels, {}, port), f"{overlay}: from any pod"
+
+
+def test_mlflow_takes_the_projects_workloads_and_postgres_only_mlflow() -> None:
+    tracking = render("tracking")
+    policies = _policies(tracking)
+    servers = _pods(tracking)
+    mlflow, db = servers["Deployment/rnnlm-mlflow"], servers["StatefulSet/rnnlm-mlflow-db"]
+    for overlay in [*TRAINING_AND_GPU, "sample"]:  # every client of MLflow
+        ((pod, labels),) = _pods(render(overlay)).items()
+        assert _admits(policies, mlflow, labels, 5000), f"k8s/{overlay}: {pod} cannot reach MLflow"
+        assert not _admits(policies, db, labels, 5432), f"k8s/{overlay}: {pod} reaches PostgreSQL"
+    assert not _admits(policies, mlflow, {"app.kubernetes.io/name": "someone-else"}, 5000)
+    assert _admits(policies, db, mlflow, 5432)
+    assert not _admits(policies, db, {}, 5432)
+
+
 @pytest.mark.parametrize("overlay", [*TRAINING_OVERLAYS, "sample"])
 def test_mlflow_settings_come_from_the_environment(overlay: str) -> None:
     objs = render(overlay)

@@ -213,6 +213,10 @@ def test_server_runs_on_postgres_with_the_manifests_guards(server: Server) -> No
     # --allowed-hosts: a Host header not listed is refused, even with credentials.
     creds = ("admin", server.client_env["MLFLOW_TRACKING_PASSWORD"])
     assert requests.get(f"http://127.0.0.1:{port}{api}", auth=creds, timeout=10).status_code == 403
+    # Exact names only: a look-alike of the Service's name is refused as well.
+    evil = {"Host": "rnnlm-mlflow.evil.example"}
+    refused = requests.get(f"{server.url}{api}", auth=creds, headers=evil, timeout=10)
+    assert refused.status_code == 403
     # --app-name=basic-auth: no credentials, or wrong ones, are refused; the Secret's pass.
     assert requests.get(f"{server.url}{api}", timeout=10).status_code == 401
     assert (

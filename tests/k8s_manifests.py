@@ -8,10 +8,12 @@ per node), read from wherever that launcher keeps it.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import secrets
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +104,9 @@ def plain_env(container: Obj) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
 
 
+JOBS_USER = "rnnlm-jobs"  # the MLflow user the jobs log in as (docs/kubernetes.md)
+
+
 def readme_secrets(admin_password: str, backend_store_uri: str) -> dict[str, dict[str, str]]:
     """Stand-ins for the Secrets that docs/kubernetes.md ("Deploy the tracking server") creates
     by hand (the manifests only refer to them, so rendering never yields them): the same names
@@ -113,10 +118,29 @@ def readme_secrets(admin_password: str, backend_store_uri: str) -> dict[str, dic
             "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
         },
         "rnnlm-mlflow-auth": {
-            "MLFLOW_TRACKING_USERNAME": "admin",
-            "MLFLOW_TRACKING_PASSWORD": admin_password,
+            "MLFLOW_TRACKING_USERNAME": JOBS_USER,
+            "MLFLOW_TRACKING_PASSWORD": secrets.token_hex(16),
         },
     }
+
+
+def create_jobs_user(url: str, secret_data: Mapping[str, Mapping[str, str]]) -> str:
+    """What docs/kubernetes.md runs once the server is up: ``jobs.mlflow_user`` as the admin,
+    giving the jobs' user (the ``rnnlm-mlflow-auth`` Secret) its password and grants."""
+    jobs = secret_data["rnnlm-mlflow-auth"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RNNLM_"))}
+    env.update(
+        MLFLOW_TRACKING_URI=url,
+        MLFLOW_TRACKING_USERNAME="admin",
+        MLFLOW_TRACKING_PASSWORD=secret_data["rnnlm-mlflow-server"]["MLFLOW_AUTH_ADMIN_PASSWORD"],
+        RNNLM_MLFLOW_USER_PASSWORD=jobs["MLFLOW_TRACKING_PASSWORD"],
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.mlflow_user", "--username", jobs["MLFLOW_TRACKING_USERNAME"]],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 def container_env(

@@ -31,7 +31,14 @@ import requests
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT, free_port, job_env, read_train_info, run_job
-from tests.k8s_manifests import container_env, find, readme_secrets, render
+from tests.k8s_manifests import (
+    JOBS_USER,
+    container_env,
+    create_jobs_user,
+    find,
+    readme_secrets,
+    render,
+)
 from tests.mlflow_server import stop_server, wait_healthy
 
 # Every test renders the manifests with kubectl, and most start a server and a job.
@@ -50,6 +57,7 @@ class Server:
     client_env: dict[str, str]  # MLFLOW_* as the training and sampling pods get them
     database: str  # the SQLAlchemy URI of its backend store
     artifacts: Path  # the stand-in for --artifacts-destination
+    admin_password: str
 
 
 def postgres_admin() -> str:
@@ -159,9 +167,10 @@ def server(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     url = f"http://localhost:{port}"
     try:
         wait_healthy(url, proc, log, timeout=180)  # the first start migrates the database
+        create_jobs_user(url, secret_data)
         client_env = {"MLFLOW_TRACKING_URI": url, **secret_data["rnnlm-mlflow-auth"]}
         artifacts = next(a for a in argv if a.startswith("--artifacts-destination="))
-        yield Server(url, client_env, database, Path(artifacts.partition("=")[2]))
+        yield Server(url, client_env, database, Path(artifacts.partition("=")[2]), password)
     finally:
         stop_server(proc)
 
@@ -183,7 +192,10 @@ def test_the_docs_create_the_secrets_the_tests_stand_in_for() -> None:
     assert {k: set(v) for k, v in stand_ins.items()} == {
         k: v for k, v in created.items() if k in stand_ins
     }
-    assert "--from-literal=MLFLOW_TRACKING_USERNAME=admin" in readme
+    # The jobs log in as their own user, which the docs create as tests/k8s_manifests.py does.
+    assert f"--from-literal=MLFLOW_TRACKING_USERNAME={JOBS_USER}" in readme
+    assert f"python -m jobs.mlflow_user --username {JOBS_USER}" in readme
+    assert "RNNLM_MLFLOW_USER_PASSWORD=$JOBS_PW" in readme
     ini = configparser.ConfigParser()
     (auth_config,) = [
         o["data"]["basic_auth.ini"]
@@ -191,10 +203,7 @@ def test_the_docs_create_the_secrets_the_tests_stand_in_for() -> None:
         if o["kind"] == "ConfigMap" and "basic_auth.ini" in o["data"]
     ]
     ini.read_string(auth_config)
-    assert (
-        ini["mlflow"]["admin_username"]
-        == stand_ins["rnnlm-mlflow-auth"]["MLFLOW_TRACKING_USERNAME"]
-    )
+    assert ini["mlflow"]["admin_username"] == "admin"  # the docs' admin, who creates the user
     # The backend store URI names the driver the tracking-server image installs.
     assert "MLFLOW_BACKEND_STORE_URI=postgresql+psycopg://" in readme
     assert '"psycopg[binary]' in (ROOT / "Dockerfile").read_text()
@@ -211,7 +220,7 @@ def test_server_runs_on_postgres_with_the_manifests_guards(server: Server) -> No
     assert requests.get(f"http://127.0.0.1:{port}/health", timeout=10).ok
     api = "/api/2.0/mlflow/experiments/search?max_results=1"
     # --allowed-hosts: a Host header not listed is refused, even with credentials.
-    creds = ("admin", server.client_env["MLFLOW_TRACKING_PASSWORD"])
+    creds = ("admin", server.admin_password)
     assert requests.get(f"http://127.0.0.1:{port}{api}", auth=creds, timeout=10).status_code == 403
     # Exact names only: a look-alike of the Service's name is refused as well.
     evil = {"Host": "rnnlm-mlflow.evil.example"}
@@ -278,7 +287,11 @@ def test_sample_job_command_prints_text_through_it(
     (container,) = find(objs, "Job", "rnnlm-sample")["spec"]["template"]["spec"]["containers"]
     command, *args = [*container["command"], *container.get("args", [])]
     assert command == "python" and "--model-uri=models:/rnnlm-timemachine@candidate" in args
-    secret_data = readme_secrets(server.client_env["MLFLOW_TRACKING_PASSWORD"], "unused")
+    secret_data = readme_secrets(server.admin_password, "unused")
+    # The jobs' user as the server's fixture created it.
+    secret_data["rnnlm-mlflow-auth"] = {
+        k: server.client_env[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    }
     env = container_env(objs, container, secret_data, base=job_env())
     # The Service name in rnnlm-env's MLFLOW_TRACKING_URI -> this machine's way to the server;
     # HOME=/tmp (an emptyDir in the pod) -> a directory of this test.
@@ -293,3 +306,33 @@ def test_sample_job_command_prints_text_through_it(
     prefix = next(a for a in args if a.startswith("--prefix=")).partition("=")[2]
     (line,) = proc.stdout.splitlines()
     assert line.startswith(prefix) and len(line) == len(prefix) + num_chars, line
+
+
+def test_the_jobs_user_edits_its_experiment_and_model_and_nothing_more(
+    server: Server, trained: dict
+) -> None:
+    """The jobs trained and registered as ``rnnlm-jobs`` (above); that user is no admin, and may
+    not write into an experiment or a model that was not granted to it."""
+    admin = ("admin", server.admin_password)
+    jobs = (JOBS_USER, server.client_env["MLFLOW_TRACKING_PASSWORD"])
+    api = f"{server.url}/api/2.0/mlflow"
+    user = requests.get(f"{api}/users/get", params={"username": JOBS_USER}, auth=admin, timeout=10)
+    assert user.ok and user.json()["user"]["is_admin"] is False
+    # Creating users is the admin's.
+    new_user = {"username": "intruder", "password": "x" * 16}
+    assert (
+        requests.post(f"{api}/users/create", json=new_user, auth=jobs, timeout=10).status_code
+        == 403
+    )
+    # Another team's experiment and model: readable (default_permission = READ), not writable.
+    other = requests.post(
+        f"{api}/experiments/create", json={"name": "other-team"}, auth=admin, timeout=10
+    )
+    assert other.ok, other.text
+    run = {"experiment_id": other.json()["experiment_id"]}
+    assert requests.post(f"{api}/runs/create", json=run, auth=jobs, timeout=10).status_code == 403
+    model = {"name": "other-team-model"}
+    assert requests.post(f"{api}/registered-models/create", json=model, auth=admin, timeout=10).ok
+    alias = {"name": "other-team-model", "alias": "candidate", "version": "1"}
+    refused = requests.post(f"{api}/registered-models/alias", json=alias, auth=jobs, timeout=10)
+    assert refused.status_code == 403

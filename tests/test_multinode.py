@@ -21,6 +21,7 @@ from tests.conftest import free_port, job_env, read_train_info, run_job
 from tests.k8s_manifests import (
     Launch,
     container_env,
+    create_jobs_user,
     find,
     readme_secrets,
     render,
@@ -91,6 +92,7 @@ def auth_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     with mlflow_server(
         tmp_path / "server", extra=["--app-name", "basic-auth"], env=server_env
     ) as url:
+        create_jobs_user(url, secret_data)
         # This process reads the server as the jobs do: with the credentials the pods get.
         for name, value in secret_data["rnnlm-mlflow-auth"].items():
             monkeypatch.setenv(name, value)

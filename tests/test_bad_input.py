@@ -202,3 +202,17 @@ def test_short_corpus_across_ranks(corpus_path: Path, tmp_path: Path) -> None:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and "over 2 processes" in errors[0] and "1000 tokens" in errors[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("password", [None, "short"])
+def test_mlflow_user_without_a_good_password(tmp_path: Path, password: str | None) -> None:
+    """The jobs' MLflow user gets its password from the environment, 12 characters or more."""
+    env = job_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9")  # never reached
+    if password is not None:
+        env["RNNLM_MLFLOW_USER_PASSWORD"] = password
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.mlflow_user"], env=env, cwd=ROOT,
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == common.EXIT_USER_ERROR
+    assert_refused(proc, "RNNLM_MLFLOW_USER_PASSWORD", "12 characters", out=tmp_path / "none")

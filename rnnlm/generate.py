@@ -6,14 +6,68 @@ sample in the middle of a DDP job without the other ranks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from rnnlm.errors import UserError
 from rnnlm.model import RNNLM
 from rnnlm.records import State
 from rnnlm.vocab import Vocab
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request (the sampling job's, the served model's) may ask for; the variables
+    RNNLM_MAX_NUM_CHARS, RNNLM_MAX_PREFIXES and RNNLM_MAX_PREFIX_CHARS change them."""
+
+    num_chars: int = 10_000
+    prefixes: int = 256
+    prefix_chars: int = 1_000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Limits:
+        values = {}
+        for field in dataclasses.fields(cls):
+            name = f"RNNLM_MAX_{field.name.upper()}"
+            text = env.get(name, str(field.default))
+            if not text.isdigit() or int(text) < 1:
+                raise UserError(f"{name}: got {text!r}; set a whole number, 1 or more.")
+            values[field.name] = int(text)
+        return cls(**values)
+
+
+class RequestError(UserError):
+    """A generation request out of bounds; ``param`` is the parameter to change."""
+
+    def __init__(self, param: str, fix: str) -> None:
+        self.param, self.fix = param, fix
+        super().__init__(f"{param}: {fix}")
+
+
+def check_request(
+    prefixes: Sequence[str], num_chars: int, temperature: float, top_k: int, limits: Limits
+) -> None:
+    """Refuse a request out of bounds, naming the parameter and the fix."""
+    if not 1 <= len(prefixes) <= limits.prefixes:
+        fix = f"got {len(prefixes)}; pass 1 to {limits.prefixes} (RNNLM_MAX_PREFIXES)"
+        raise RequestError("prefix", fix)
+    if not all(prefixes):
+        raise RequestError("prefix", "got an empty one; each needs one character or more")
+    if max(map(len, prefixes)) > limits.prefix_chars:
+        fix = f"one is longer than {limits.prefix_chars} characters (RNNLM_MAX_PREFIX_CHARS)"
+        raise RequestError("prefix", fix)
+    if not 0 <= num_chars <= limits.num_chars:
+        fix = f"got {num_chars}; pass 0 to {limits.num_chars} (RNNLM_MAX_NUM_CHARS)"
+        raise RequestError("num_chars", fix)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise RequestError("temperature", f"got {temperature}; pass 0 (greedy) or more")
+    if top_k < 0:
+        raise RequestError("top_k", f"got {top_k}; pass 0 (all characters) or more")
 
 
 def _warm_up(module: RNNLM, prefix_ids: list[int], device: torch.device) -> State:

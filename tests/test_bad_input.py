@@ -216,3 +216,30 @@ def test_mlflow_user_without_a_good_password(tmp_path: Path, password: str | Non
     )  # fmt: skip
     assert proc.returncode == common.EXIT_USER_ERROR
     assert_refused(proc, "RNNLM_MLFLOW_USER_PASSWORD", "12 characters", out=tmp_path / "none")
+
+
+SAMPLE_CASES = {
+    "too-many-chars": (["--num-chars", "10001"], {}, ["--num-chars", "0 to 10000"]),
+    "nan-temperature": (["--temperature", "nan"], {}, ["--temperature", "got nan"]),
+    "negative-temperature": (["--temperature", "-1"], {}, ["--temperature"]),
+    "negative-top-k": (["--top-k", "-1"], {}, ["--top-k"]),
+    "empty-prefix": (["--prefix", ""], {}, ["--prefix", "empty"]),
+    "long-prefix": (["--prefix", "t" * 1001], {}, ["--prefix", "RNNLM_MAX_PREFIX_CHARS"]),
+    "many-prefixes": (["--prefix", "a"] * 257, {}, ["--prefix", "got 257"]),
+    "own-limit": (["--num-chars", "6"], {"RNNLM_MAX_NUM_CHARS": "5"}, ["--num-chars", "0 to 5"]),
+    "bad-limit": ([], {"RNNLM_MAX_PREFIXES": "many"}, ["RNNLM_MAX_PREFIXES", "whole number"]),
+}
+
+
+@pytest.mark.parametrize("case", SAMPLE_CASES, ids=list(SAMPLE_CASES))
+def test_sampling_request_out_of_bounds(case: str, tmp_path: Path) -> None:
+    """Refused before any model is fetched (the tracking server here is never reached), with
+    the bounds the served model keeps too."""
+    args, env, needles = SAMPLE_CASES[case]
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.sample", "--model-uri", "models:/m@a", *args],
+        env=job_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9", **env), cwd=ROOT,
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == common.EXIT_USER_ERROR, proc.stderr[-2000:]
+    assert_refused(proc, *needles, out=tmp_path / "none")

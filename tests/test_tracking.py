@@ -228,7 +228,8 @@ def test_mlflow_models_serve_answers(server: str, trained: Path, tmp_path: Path)
         [sys.executable, "-m", "mlflow", "models", "serve", "-m",
          "models:/rnnlm-timemachine@candidate", "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port)],
-        env=job_env(MLFLOW_TRACKING_URI=server), stdout=subprocess.DEVNULL,
+        env=job_env(MLFLOW_TRACKING_URI=server, RNNLM_MAX_NUM_CHARS="100"),
+        stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / "serve.log", "wb"), start_new_session=True,  # noqa: SIM115
     )  # fmt: skip
     try:
@@ -247,6 +248,22 @@ def test_mlflow_models_serve_answers(server: str, trained: Path, tmp_path: Path)
                 time.sleep(1)
         assert resp.status_code == 200, resp.text
         assert resp.json()["predictions"] == [{"text": expected}]
+        # Requests out of bounds: 400, naming the parameter (the limit on num_chars set to 100
+        # by RNNLM_MAX_NUM_CHARS above).
+        url, bad = f"http://127.0.0.1:{port}/invocations", {
+            "num_chars": ({"num_chars": 101}, ["prefix"]),
+            "temperature": ({"temperature": -1.0}, ["prefix"]),
+            "top_k": ({"top_k": -1, "temperature": 1.0}, ["prefix"]),
+            "prefix": ({}, [""]),
+            "RNNLM_MAX_PREFIXES": ({}, ["time"] * 257),
+            "RNNLM_MAX_PREFIX_CHARS": ({}, ["t" * 1001]),
+            "vocabulary": ({}, ["Time!"]),
+        }  # fmt: skip
+        for needle, (params, prefixes) in bad.items():
+            rows = [[p] for p in prefixes]
+            body = {"dataframe_split": {"columns": ["prefix"], "data": rows}, "params": params}
+            refused = requests.post(url, json=body, timeout=30)
+            assert refused.status_code == 400 and needle in refused.json()["message"], needle
     finally:
         stop_server(proc)
 

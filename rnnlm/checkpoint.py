@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: torch.optim.SGD state; the config recorded by its flat names
 _NAME = re.compile(r"^ckpt-(\d{10})\.pt$")
+TMP_PREFIX = ".ckpt-"
 
 
 def path_for(directory: Path, global_step: int) -> Path:
@@ -56,16 +58,28 @@ def check_writable(directory: Path) -> None:
         ) from None
 
 
+class NotWritten(FlagError):
+    """A checkpoint that could not be written (a full volume): nothing of it is left behind."""
+
+
 def save(directory: Path, payload: dict[str, Any], global_step: int, keep: int) -> Path:
-    """Write atomically, then drop all but the newest ``keep`` checkpoints."""
+    """Write atomically, then drop all but the newest ``keep`` of this job's checkpoints."""
     target = path_for(directory, global_step)
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=".ckpt-", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, target)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+        reason = exc.strerror if isinstance(exc, OSError) else "the write failed"
+        free_mb = shutil.disk_usage(directory).free / 2**20
+        raise NotWritten(
+            "--checkpoint-dir", f"cannot write {target.name} in {directory} ({reason}; "
+            f"{free_mb:.1f} MiB free); free space there, lower --keep-checkpoints, or pass "
+            "another --checkpoint-dir.",
+        ) from None  # fmt: skip
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
@@ -74,9 +88,18 @@ def save(directory: Path, payload: dict[str, Any], global_step: int, keep: int) 
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
-    for old in list_checkpoints(directory)[keep:]:
+    # A file numbered above the one just written is none of this job's (resuming skipped it as
+    # unusable): it neither counts towards ``keep`` nor is deleted.
+    ours = [p for p in list_checkpoints(directory) if p.name <= target.name]
+    for old in ours[keep:]:
         old.unlink(missing_ok=True)
     return target
+
+
+def remove_temporary(directory: Path) -> None:
+    """Temporary files of a writer that was killed mid-write (no one else writes here)."""
+    for path in directory.glob(f"{TMP_PREFIX}*.tmp") if directory.is_dir() else []:
+        path.unlink(missing_ok=True)
 
 
 class EarlierFormat(ValueError):

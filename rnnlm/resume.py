@@ -115,10 +115,14 @@ class Checkpointer:
             self.settings.checkpoint_unit == "step"
             and self.global_step % self.settings.checkpoint_every == 0
         )
-        if stopping or due:
-            self.save(epoch, epoch_rng, progress)
         if stopping:
+            try:
+                self.save(epoch, epoch_rng, progress)
+            except checkpoint.NotWritten as exc:  # still exit 143: the retry takes an older one
+                log.error("%s", exc)
             raise Preempted(f"stopped by a signal at epoch {epoch}")
+        if due:
+            self.save(epoch, epoch_rng, progress)
 
     def after_epoch(self, epoch: int, next_epoch_rng: Any) -> None:
         due = self.settings.checkpoint_unit == "epoch" and (
@@ -188,6 +192,7 @@ class Checkpointer:
             return None
         found: list[Any] = [None]
         if self.info.is_main:
+            checkpoint.remove_temporary(self.directory)
             if self.settings.fresh:
                 removed = checkpoint.clear(self.directory)
                 if removed:

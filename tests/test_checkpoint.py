@@ -93,3 +93,27 @@ def test_a_checkpoint_of_an_earlier_format_stops_the_job(tmp_path: Path) -> None
         r"by an earlier rnnlm \(format 1, this version reads 2\); pass --fresh",
     ):
         checkpoint.load_newest(tmp_path)
+
+
+def test_retention_keeps_what_was_just_written_beside_a_higher_numbered_foreign_file(
+    tmp_path: Path,
+) -> None:
+    """A corrupt or foreign file numbered above this job's steps used to count as the newest:
+    keep=2 then deleted the checkpoint just written. It neither counts nor is deleted."""
+    foreign = checkpoint.path_for(tmp_path, 9_999_999_999)
+    foreign.write_bytes(b"not a checkpoint")
+    for step in (5, 10, 15):
+        written = checkpoint.save(tmp_path, payload(step), step, keep=2)
+        assert written.exists()
+    names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
+    assert names == [foreign.name, "ckpt-0000000015.pt", "ckpt-0000000010.pt"]
+    path, loaded = checkpoint.load_newest(tmp_path)  # the foreign file is skipped, as before
+    assert path.name == "ckpt-0000000015.pt" and loaded["global_step"] == 15
+
+
+def test_temporary_files_of_a_killed_writer_are_removed(tmp_path: Path) -> None:
+    leftover = tmp_path / f"{checkpoint.TMP_PREFIX}k1ll3d.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    checkpoint.save(tmp_path, payload(1), 1, keep=2)
+    checkpoint.remove_temporary(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-0000000001.pt"]

@@ -303,3 +303,66 @@ def test_unwritable_checkpoint_dir(corpus_path: Path, tmp_path: Path) -> None:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and errors[0].startswith("Error: --checkpoint-dir: cannot write")
     assert not (tmp_path / "model").exists()
+
+
+@pytest.fixture
+def full_volume(tmp_path: Path):
+    """A 16 KiB tmpfs: room for the job's start-up probe, not for a checkpoint (a full disk)."""
+    mountpoint = tmp_path / "full"
+    mountpoint.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mountpoint)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mount.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def test_a_full_checkpoint_volume_is_one_line(
+    corpus_path: Path, tmp_path: Path, full_volume: Path
+) -> None:
+    (full_volume / f"{checkpoint.TMP_PREFIX}killed.tmp").write_bytes(b"x" * 1024)
+    args = args_for(corpus_path, tmp_path, "--no-tracking", epochs=2)
+    args[args.index("--checkpoint-dir") + 1] = str(full_volume)
+    proc = run_job(args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert (
+        errors[0].startswith("Error: --checkpoint-dir: cannot write ckpt-") and "free" in errors[0]
+    )
+    assert "Traceback" not in proc.stderr
+    assert os.listdir(full_volume) == []  # the killed writer's file and the failed one are gone
+
+
+def test_a_sigterm_checkpoint_on_a_full_volume_still_exits_143(
+    corpus_path: Path, tmp_path: Path, full_volume: Path
+) -> None:
+    """The retry resumes from an older checkpoint (or the start): still a preemption."""
+    args = args_for(corpus_path, tmp_path, "--no-tracking", epochs=100000)
+    args[args.index("--checkpoint-dir") + 1] = str(full_volume)
+    args += ["--checkpoint-every", "100000"]  # no checkpoint before the signal
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.train", *args], env=job_env(), cwd=ROOT,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # training has started once an epoch is reported
+            seen.append(line)
+            if "epoch 1" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        seen += proc.stderr.readlines()
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, "".join(seen)[-2000:]
+        assert any("cannot write ckpt-" in line for line in seen), "".join(seen)[-2000:]
+        assert os.listdir(full_volume) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

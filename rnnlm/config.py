@@ -244,7 +244,11 @@ class CheckpointConfig(Section):
         "epoch", "What --checkpoint-every counts.", choices=("epoch", "step")
     )
     keep_checkpoints: int = setting(3, "How many of the newest checkpoints to keep.")
-    fresh: bool = setting(False, "Delete existing checkpoints and start over instead of resuming.")
+    fresh: bool = setting(False, "Start over: delete an earlier job's checkpoints (--job-id).")
+    job_id: str | None = setting(
+        None, "Restarts and retries of one job share it: --fresh resumes their checkpoints "
+        "[default: torchrun's --rdzv-id, else each run is new].", envvar="RNNLM_JOB_ID",
+    )  # fmt: skip
 
     def check(self, world_size: int) -> None:
         super().check(world_size)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import random
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from rnnlm import checkpoint
 from rnnlm.batching import rows_of_rank
 from rnnlm.config import TrainConfig
 from rnnlm.distributed import DistInfo, StopVote
+from rnnlm.errors import FlagError
 from rnnlm.records import EpochProgress, EpochStats, History, State
 from rnnlm.steps import Step
 from rnnlm.vocab import Vocab
@@ -100,11 +103,12 @@ class Checkpointer:
         self.config, self.info, self.vote = config, info, vote
         self.module, self.optimizer = step.module, step.optimizer
         self.vocab, self.history = vocab, history
-        settings = config.checkpoint
-        self.settings = settings
+        self.settings = settings = config.checkpoint
         self.directory = Path(settings.checkpoint_dir) if settings.checkpoint_dir else None
         self.global_step = 0
         self.mlflow_run_id: str | None = None
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # the same across restarts
+        self.job_id = settings.job_id or (run_id if run_id != "none" else uuid.uuid4().hex)
 
     # -- policy -------------------------------------------------------------------------------
 
@@ -173,6 +177,7 @@ class Checkpointer:
             "extra_metrics": list(self.history.extra_metrics),
             "samples": [list(s) for s in self.history.samples],
             "mlflow_run_id": self.mlflow_run_id,
+            "job_id": self.job_id,
             "config": self.config.to_flat(),
             "model_config": self.module.config.to_dict(),
             "vocab": list(self.vocab.idx_to_token),
@@ -193,22 +198,28 @@ class Checkpointer:
         found: list[Any] = [None]
         if self.info.is_main:
             checkpoint.remove_temporary(self.directory)
-            if self.settings.fresh:
-                removed = checkpoint.clear(self.directory)
-                if removed:
-                    log.warning("--fresh: removed %d checkpoint(s) in %s", removed, self.directory)
-            else:
-                newest = checkpoint.load_newest(self.directory)
-                if newest is not None:
-                    path, payload = newest
-                    checkpoint.check_compatible(
-                        payload, self.module.config.to_dict(), self.vocab.idx_to_token, path
-                    )
-                    payload["path"] = str(path)
-                    found = [payload]
+            newest = self._newest()
+            if self.settings.fresh and (newest is None or newest[1].get("job_id") != self.job_id):
+                removed, newest = checkpoint.clear(self.directory), None
+                log.warning("--fresh: removed %d checkpoint(s) in %s", removed, self.directory)
+            if newest is not None:
+                path, payload = newest
+                checkpoint.check_compatible(
+                    payload, self.module.config.to_dict(), self.vocab.idx_to_token, path
+                )
+                payload["path"] = str(path)
+                found = [payload]
         if self.info.is_distributed:
             dist.broadcast_object_list(found, src=0)
         return found[0]
+
+    def _newest(self) -> tuple[Path, dict[str, Any]] | None:
+        try:
+            return checkpoint.load_newest(self.directory) if self.directory else None
+        except FlagError:  # of an earlier format: --fresh clears it
+            if not self.settings.fresh:
+                raise
+            return None
 
     def restore(self, payload: dict[str, Any], data_rng: random.Random) -> Resumed:
         """Put model, optimizer, generators and this rank's rows back as they were."""

@@ -65,9 +65,7 @@ class Tracker:
 def resolve_uri(uri: str | None) -> str:
     import mlflow
 
-    if uri:
-        return uri
-    return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
 
 
 def check_server(uri: str, timeout: float = 10.0) -> None:

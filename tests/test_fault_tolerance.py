@@ -366,3 +366,45 @@ def test_a_sigterm_checkpoint_on_a_full_volume_still_exits_143(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_fresh_clears_an_earlier_job_once_and_a_restart_resumes(
+    corpus_path: Path, tmp_path: Path, uninterrupted: Path
+) -> None:
+    """--fresh used to run again on every torchrun restart, deleting the checkpoints the same
+    job had just written; it clears only another job's (torchrun's run id tells them apart)."""
+    earlier = args_for(corpus_path, tmp_path, "--no-tracking", epochs=2)
+    earlier[earlier.index("--output-dir") + 1] = str(tmp_path / "earlier-model")
+    assert run_job(earlier).returncode == 0
+    left = len(checkpoint.list_checkpoints(tmp_path / "ckpt"))
+    assert left > 0
+    launcher = launch(args_for(corpus_path, tmp_path, "--no-tracking", "--fresh"), restarts=1)
+    wait_for_checkpoint(tmp_path / "ckpt", launcher, min_epoch=3)
+    time.sleep(0.03)  # into the next epoch
+    workers(launcher)[1].send_signal(signal.SIGKILL)
+    code, stderr = finish(launcher)
+    assert code == 0, stderr[-4000:]
+    assert re.findall(r"--fresh: removed (\d+) checkpoint", stderr) == [str(left)]
+    assert "resuming from" in stderr
+    assert_same_weights(tmp_path, uninterrupted)
+
+
+def test_fresh_on_a_retried_pod_resumes_its_own_job(
+    corpus_path: Path, tmp_path: Path, uninterrupted: Path
+) -> None:
+    """A pod retry is a new torchrun: RNNLM_JOB_ID (the manifests set it from the job's name)
+    makes it the same job, so --fresh resumes it; another job id starts over."""
+    args = args_for(corpus_path, tmp_path, "--no-tracking", "--fresh")
+    launcher = launch(args, env=job_env(RNNLM_JOB_ID="job-a"))
+    wait_for_checkpoint(tmp_path / "ckpt", launcher, min_epoch=3)
+    time.sleep(0.03)
+    launcher.send_signal(signal.SIGTERM)  # the pod is preempted
+    code, _ = finish(launcher, timeout=120)
+    assert code != 0 and not (tmp_path / "model").exists()
+    retry = run_job(args, nproc=2, env=job_env(RNNLM_JOB_ID="job-a"))
+    assert retry.returncode == 0, retry.stderr[-3000:]
+    assert "resuming from" in retry.stderr and "--fresh: removed" not in retry.stderr
+    assert_same_weights(tmp_path, uninterrupted)
+    another = run_job(args, env=job_env(RNNLM_JOB_ID="job-b"))
+    assert another.returncode == 0, another.stderr[-3000:]
+    assert "--fresh: removed" in another.stderr and "resuming from" not in another.stderr

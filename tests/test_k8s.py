@@ -265,6 +265,11 @@ def test_one_command_line_everywhere() -> None:
     for launch in launches:
         names = {e["name"] for e in launch.container["env"]}
         assert shared <= names, (launch.overlay, shared - names)
+        # One job id for all of a job's pods and their retries (--fresh resumes its own), the
+        # job's name: the same that names its checkpoint directory.
+        env = plain_env(launch.container)
+        assert env["RNNLM_JOB_ID"] == "$(RNNLM_JOB_NAME)", launch.overlay
+        assert env["RNNLM_CHECKPOINT_DIR"].endswith("/$(RNNLM_JOB_NAME)"), launch.overlay
 
 
 @pytest.mark.parametrize("overlay", TRAINING_AND_GPU)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import click
 
 from rnnlm.distributed import read_env
-from rnnlm.errors import UserError
+from rnnlm.errors import UserError, redact
 
 # Exit code for a user mistake; Kubernetes pod failure policies use it to fail a Job at once
 # rather than retry a command that can never succeed.
@@ -28,14 +28,24 @@ class JobError(click.ClickException):
     exit_code = EXIT_USER_ERROR
 
 
+class RedactingFormatter(logging.Formatter):
+    """Every log line, third-party ones and tracebacks included, without URL credentials."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 def setup_logging(rank: int, is_main: bool) -> None:
     """Rank-prefixed log lines on stderr; ranks other than the main one only warn."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        RedactingFormatter(
+            f"%(asctime)s.%(msecs)03d [rank{rank}] %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
+    )
     logging.basicConfig(
-        level=logging.INFO if is_main else logging.WARNING,
-        format=f"%(asctime)s.%(msecs)03d [rank{rank}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
+        level=logging.INFO if is_main else logging.WARNING, handlers=[handler], force=True
     )
 
 
@@ -48,7 +58,7 @@ def user_errors(ranked: bool = True) -> Iterator[None]:
     except UserError as exc:
         if ranked:
             _leave_it_to_rank_0()
-        raise JobError(str(exc)) from None
+        raise JobError(redact(str(exc))) from None
 
 
 def _leave_it_to_rank_0() -> None:

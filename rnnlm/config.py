@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from rnnlm.errors import FlagError
+from rnnlm.errors import FlagError, redact
 
 D2L_TIMEMACHINE_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
 D2L_TIMEMACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
@@ -341,7 +341,7 @@ class TrainConfig:
         for name in _section_types():
             flat.update(dataclasses.asdict(getattr(self, name)))
         flat.pop("vocab_size")
-        return flat
+        return {k: redact(v) if isinstance(v, str) else v for k, v in flat.items()}
 
     def validate(self, world_size: int = 1) -> None:
         for name in _section_types():

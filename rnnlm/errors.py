@@ -1,4 +1,14 @@
-"""Errors a user can fix. The CLI prints them as one line and exits non-zero."""
+"""Errors a user can fix (the CLI prints them as one line and exits non-zero), and
+:func:`redact` for every message or record that may quote a URL."""
+
+import re
+
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """``scheme://user:password@host/...`` -> ``scheme://***@host/...``."""
+    return _URL_CREDENTIALS.sub("***@", text)
 
 
 class UserError(Exception):

@@ -29,7 +29,7 @@ import requests
 
 from rnnlm import __version__
 from rnnlm.config import TrackingConfig
-from rnnlm.errors import UserError
+from rnnlm.errors import UserError, redact
 from rnnlm.records import EpochStats, History
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,8 @@ class MlflowTracker(Tracker):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # log lines only
         self.settings = settings
         self.uri = resolve_uri(settings.tracking_uri)
+        if redact(self.uri) != self.uri:  # MLflow prints a run's URL, credentials and all
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         check_server(self.uri)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
@@ -225,7 +227,7 @@ class MlflowTracker(Tracker):
         self.sender = _Sender()
         self.sender.start()
         self.system_metrics = self._start_system_metrics()
-        log.info("tracking to %s, run %s", self.uri, run_id)
+        log.info("tracking to %s, run %s", redact(self.uri), run_id)
 
     def _start_system_metrics(self) -> Any:
         try:
@@ -262,6 +264,7 @@ class MlflowTracker(Tracker):
     def log_dataset(self, source: str, sha1: str, num_tokens: int) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
+        source = redact(source)
         kind = "http" if source.startswith(("http://", "https://")) else "local"
         dataset = Dataset(
             name=Path(source).name or "corpus",
@@ -472,7 +475,7 @@ def standard_tags(
         "device": device,
         "torch_version": torch.__version__,
         "rnnlm_version": __version__,
-        "corpus_source": corpus,
+        "corpus_source": redact(corpus),
         "corpus_sha1": sha1,
     }
     commit = git_commit(Path(__file__).resolve().parent)

@@ -243,3 +243,13 @@ def test_sampling_request_out_of_bounds(case: str, tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == common.EXIT_USER_ERROR, proc.stderr[-2000:]
     assert_refused(proc, *needles, out=tmp_path / "none")
+
+
+@pytest.mark.integration
+def test_an_error_quoting_a_url_hides_its_credentials(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    url = "http://reader:s3cret-pw@127.0.0.1:9/timemachine.txt"  # nothing listens on port 9
+    proc = run_job(["--corpus", url, "--output-dir", str(out), "--no-tracking"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_refused(proc, "--corpus: cannot download http://***@127.0.0.1:9/", out=out)
+    assert "s3cret-pw" not in proc.stderr + proc.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import http.server
 import json
 import shutil
 import subprocess
@@ -28,7 +30,7 @@ METRICS = [
 ]  # fmt: skip
 
 
-def job_args(corpus: Path, out: Path, *extra: str) -> list[str]:
+def job_args(corpus: Path | str, out: Path, *extra: str) -> list[str]:
     return [
         "--corpus", str(corpus), "--output-dir", str(out), "--epochs", str(EPOCHS),
         "--sample-every", "3", "--num-hiddens", "64", "--experiment", "tests", *extra,
@@ -377,3 +379,54 @@ def test_closing_sends_waiting_metrics_without_waiting_out_the_interval(
     logged = client.get_metric_history(run_id, "train_perplexity")
     assert sorted(m.step for m in logged) == [1, 2]
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+class _CorpusWithPassword(http.server.BaseHTTPRequestHandler):
+    """Serves the corpus only to a request with the right basic-auth credentials."""
+
+    corpus: bytes = b""
+    expected = "Basic " + base64.b64encode(b"reader:corpus-s3cret").decode()
+
+    def do_GET(self) -> None:
+        if self.headers.get("Authorization") != self.expected:
+            self.send_response(401)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.corpus)))
+        self.end_headers()
+        self.wfile.write(self.corpus)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.integration
+def test_credentials_in_urls_are_written_nowhere(corpus_path: Path, tmp_path: Path) -> None:
+    """A user and password inside the corpus URL or the tracking URI reach no log, MLflow
+    record (params, tags, dataset), artifact, model file or checkpoint."""
+    _CorpusWithPassword.corpus = corpus_path.read_bytes()
+    corpus_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CorpusWithPassword)
+    threading.Thread(target=corpus_server.serve_forever, daemon=True).start()
+    corpus_url = f"http://reader:corpus-s3cret@127.0.0.1:{corpus_server.server_port}/tm.txt"
+    try:
+        with mlflow_server(tmp_path / "server") as url:
+            tracking = url.replace("http://", "http://someone:tracking-s3cret@")
+            proc = run_job(
+                [*job_args(corpus_url, tmp_path / "model", "--tracking-uri", tracking),
+                 "--checkpoint-dir", str(tmp_path / "ckpt")],
+                nproc=2, env=job_env(),
+            )  # fmt: skip
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            client = MlflowClient(url)
+            (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+            assert run.data.params["corpus"] == corpus_url.replace("reader:corpus-s3cret@", "***@")
+    finally:
+        corpus_server.shutdown()
+    written = {"stdout": proc.stdout.encode(), "stderr": proc.stderr.encode()}
+    for folder in ("model", "ckpt", "server"):  # the server's: its database and artifacts
+        written |= {str(p): p.read_bytes() for p in (tmp_path / folder).rglob("*") if p.is_file()}
+    assert any("ckpt" in name for name in written) and any(".db" in name for name in written)
+    for secret in (b"corpus-s3cret", b"tracking-s3cret"):
+        leaks = [name for name, data in written.items() if secret in data]
+        assert not leaks, (secret, leaks)

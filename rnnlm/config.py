@@ -65,6 +65,7 @@ class DataConfig(Section):
     corpus_sha1: str | None = setting(
         None, "Expected sha1 of the corpus file [default: the chapter's, for its URL]."
     )
+    max_corpus_mb: int = setting(4096, "Largest corpus download, in MiB.")
     cache_dir: str | None = setting(
         None, "Where downloads are cached [default: ~/.cache/rnnlm].", envvar="RNNLM_CACHE_DIR"
     )
@@ -106,6 +107,7 @@ class DataConfig(Section):
             )
         if self.val_tokens < 0:
             raise FlagError("--val-tokens", f"got {self.val_tokens}; pass 0 (none) or more.")
+        _positive("--max-corpus-mb", self.max_corpus_mb)
         if self.corpus_sha1 is not None and not _is_sha1(self.corpus_sha1):
             raise FlagError(
                 "--corpus-sha1", f"{self.corpus_sha1!r} is not a 40-digit hex sha1 checksum."

@@ -8,6 +8,7 @@ on every use.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from rnnlm.errors import FlagError, UserError
+from rnnlm.errors import FlagError, UserError, redact
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ def fetch(
     source: str,
     sha1: str | None,
     cache_dir: Path,
+    max_bytes: int = 4 << 30,
     timeout: float = 30.0,
-    retries: int = 3,
 ) -> Path:
     """Return a local, verified path for ``source`` (a URL or a file path)."""
     if not is_url(source):
@@ -65,57 +66,73 @@ def fetch(
         return path
 
     name = Path(urlparse(source).path).name or "corpus.txt"
-    target = cache_dir / (f"{sha1[:10]}-{name}" if sha1 else name)
-    if target.is_file():
-        if sha1 is None or sha1_of(target) == sha1:
-            return target
-        log.warning("cached %s fails its sha1 check; downloading it again", target)
-        target.unlink()
-    _download(source, sha1, target, timeout, retries)
-    return target
-
-
-def _download(url: str, sha1: str | None, target: Path, timeout: float, retries: int) -> None:
-    """Download ``url`` into ``target``, over https where the host offers it."""
+    key = sha1[:10] if sha1 else hashlib.sha256(source.encode()).hexdigest()[:16]  # whole URL
+    target = cache_dir / f"{key}-{name}"
+    cached = target.is_file() and (sha1 is None or sha1_of(target) == sha1)
+    if cached and sha1:
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    if url.startswith("http://"):
-        secure = "https://" + url.removeprefix("http://")
-        try:  # one quick try: an http-only host should not cost the retries
-            _fetch_verified(secure, sha1, target, min(timeout, 10.0), retries=0)
-            return
+    # Over https where the host offers it (one quick try: an http-only host costs no retries).
+    # Unpinned, a cached file is revalidated (ETag, Last-Modified) and fetched only if changed.
+    secure = "https://" + source.removeprefix("http://")
+    for url, retries in ([(secure, 0)] if source.startswith("http://") else []) + [(source, 3)]:
+        try:
+            _fetch_verified(url, sha1, target, max_bytes, (timeout, retries))
+            return target
         except requests.RequestException as exc:
-            log.info("https not available for %s (%s); using http", url, type(exc).__name__)
-    try:
-        _fetch_verified(url, sha1, target, timeout, retries)
-    except requests.RequestException as exc:
-        raise UserError(
-            f"--corpus: cannot download {url} ({type(exc).__name__}). On a machine without "
-            "internet, pass a local copy: --corpus /path/to/timemachine.txt"
-        ) from exc
+            error = exc
+    if cached:
+        log.warning("cannot revalidate %s (%s); using the cached copy", redact(source), error)
+        return target
+    raise UserError(
+        f"--corpus: cannot download {source} ({type(error).__name__}). On a machine without "
+        "internet, pass a local copy: --corpus /path/to/timemachine.txt"
+    ) from error
 
 
-def _fetch_verified(url: str, sha1: str | None, target: Path, timeout: float, retries: int) -> None:
-    """Stream into a temporary file beside ``target``; rename only if the sha1 matches."""
+def _fetch_verified(
+    url: str, sha1: str | None, target: Path, max_bytes: int, limits: tuple[float, int]
+) -> None:
+    """Stream into a temporary file beside ``target``; rename only if complete, within
+    ``max_bytes`` and of the right sha1. A file in the cache is kept if the server says 304."""
+    timeout, retries = limits
     retry = Retry(total=retries, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504))
+    validators = target.with_name(f".{target.name}.validators")
+    known = sha1 is None and target.is_file() and validators.is_file()  # unpinned, cached
+    headers = json.loads(validators.read_text()) if known else {}
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    digest = hashlib.sha1()
+    tmp, digest, size = Path(tmp_name), hashlib.sha1(), 0
     try:
         with requests.Session() as session:
             session.mount("http://", HTTPAdapter(max_retries=retry))
             session.mount("https://", HTTPAdapter(max_retries=retry))
-            with os.fdopen(fd, "wb") as out, session.get(url, stream=True, timeout=timeout) as r:
+            with (
+                os.fdopen(fd, "wb") as out,
+                session.get(url, stream=True, timeout=timeout, headers=headers) as r,
+            ):
                 r.raise_for_status()
+                if r.status_code == 304:
+                    return
+                if urlparse(r.url).hostname != urlparse(url).hostname:
+                    log.warning("%s redirected to another host: %s", redact(url), redact(r.url))
                 for chunk in r.iter_content(_CHUNK):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        too_big = f"{redact(url)} is larger than {max_bytes >> 20} MiB; raise it"
+                        raise FlagError("--max-corpus-mb", too_big + " for a larger corpus.")
                     digest.update(chunk)
                     out.write(chunk)
+                names = {"ETag": "If-None-Match", "Last-Modified": "If-Modified-Since"}
+                headers = {ask: r.headers[got] for got, ask in names.items() if got in r.headers}
         if sha1 and digest.hexdigest() != sha1:
             raise FlagError(
                 "--corpus-sha1",
-                f"{url} downloaded with sha1 {digest.hexdigest()}, expected {sha1}; nothing was "
-                "cached. Check the URL, or pass the checksum you trust.",
+                f"{redact(url)} downloaded with sha1 {digest.hexdigest()}, expected {sha1}; "
+                "nothing was cached. Check the URL, or pass the checksum you trust.",
             )
         os.replace(tmp, target)
+        if sha1 is None:  # to revalidate it next time
+            validators.write_text(json.dumps(headers))
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -31,7 +31,9 @@ def cache_dir(config: DataConfig) -> Path:
 
 def load_dataset(config: DataConfig) -> Dataset:
     """The vocabulary is built from the WHOLE corpus, then the training slice is cut (d2l)."""
-    path = corpus.fetch(config.corpus, config.resolved_sha1(), cache_dir(config))
+    path = corpus.fetch(
+        config.corpus, config.resolved_sha1(), cache_dir(config), config.max_corpus_mb << 20
+    )
     tokens = corpus.load_tokens(path, config.preprocess)
     vocab = Vocab.build(tokens, min_freq=config.min_freq)
     ids = torch.tensor(vocab.encode(tokens), dtype=torch.long)

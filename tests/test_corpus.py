@@ -91,5 +91,81 @@ def test_checksum_mismatch_caches_nothing(http_server, tmp_path: Path) -> None:
 def test_unreachable_url_says_how_to_pass_a_local_file(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}/timemachine.txt"  # nothing listens there
     with pytest.raises(UserError, match=r"cannot download .* --corpus /path/to/timemachine.txt"):
-        corpus.fetch(url, None, tmp_path, timeout=2, retries=1)
+        corpus.fetch(url, None, tmp_path, timeout=2)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def web() -> Iterator[tuple[str, dict[str, bytes], list[tuple[str, int]]]]:
+    """A real HTTP server on loopback: ``files`` (path -> body, changeable while it runs), with
+    ETags and 304s, ``/moved/...`` redirecting to the same path on ``localhost`` (another host
+    name); records (path, status) of every answer."""
+    files: dict[str, bytes] = {}
+    answered: list[tuple[str, int]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            port = self.server.server_address[1]
+            if self.path.startswith("/moved/"):
+                status, location = (
+                    302,
+                    f"http://localhost:{port}/{self.path.removeprefix('/moved/')}",
+                )
+            else:
+                status, location = 200, None
+            body = files.get(self.path, b"")
+            etag = '"' + hashlib.sha1(body).hexdigest() + '"'
+            if status == 200 and self.headers.get("If-None-Match") == etag:
+                status = 304
+            answered.append((self.path, status))
+            self.send_response(status)
+            if location:
+                self.send_header("Location", location)
+            self.send_header("ETag", etag)
+            self.send_header("Content-Length", str(len(body) if status == 200 else 0))
+            self.end_headers()
+            if status == 200:
+                self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", files, answered
+    server.shutdown()
+    server.server_close()
+
+
+def test_cache_is_keyed_by_the_whole_url_and_revalidated(web, tmp_path: Path) -> None:
+    """Two URLs ending in one file name used to share a cache entry, and a file changed
+    upstream was never fetched again."""
+    base, files, answered = web
+    files["/a/corpus.txt"], files["/b/corpus.txt"] = b"the first text", b"another text"
+    first = corpus.fetch(f"{base}/a/corpus.txt", None, tmp_path)
+    second = corpus.fetch(f"{base}/b/corpus.txt", None, tmp_path)
+    assert first != second
+    assert (first.read_bytes(), second.read_bytes()) == (b"the first text", b"another text")
+    assert corpus.fetch(f"{base}/a/corpus.txt", None, tmp_path).read_bytes() == b"the first text"
+    assert answered[-1] == ("/a/corpus.txt", 304)  # asked, and told it had not changed
+    files["/a/corpus.txt"] = b"the first text, revised"
+    assert corpus.fetch(f"{base}/a/corpus.txt", None, tmp_path) == first
+    assert first.read_bytes() == b"the first text, revised"
+
+
+def test_a_corpus_larger_than_the_limit_is_refused(web, tmp_path: Path) -> None:
+    base, files, _ = web
+    files["/big.txt"] = b"x" * (3 << 20)
+    with pytest.raises(UserError, match=r"--max-corpus-mb: .*/big.txt is larger than 2 MiB"):
+        corpus.fetch(f"{base}/big.txt", None, tmp_path, max_bytes=2 << 20)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_a_redirect_to_another_host_is_logged(web, tmp_path: Path, caplog) -> None:
+    base, files, _ = web
+    files["/corpus.txt"] = b"some text"
+    with caplog.at_level("WARNING", logger="rnnlm.corpus"):
+        path = corpus.fetch(f"{base}/moved/corpus.txt", None, tmp_path)
+    assert path.read_bytes() == b"some text"
+    (warning,) = [r.getMessage() for r in caplog.records if "redirected" in r.getMessage()]
+    assert "redirected to another host: http://localhost:" in warning

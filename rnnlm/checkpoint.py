@@ -133,16 +133,24 @@ def load_newest(directory: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
+# Settings that decide what data each step sees: resuming under others would mix two jobs.
+# The model's settings are compared through its config; the rest (the learning rate, clipping,
+# the number of epochs, devices, tracking, checkpointing, output) may change on resume.
+SAME_ON_RESUME = ("corpus", "preprocess", "min_freq", "max_tokens", "val_tokens", "batch_size",
+                  "num_steps", "sampling", "seed")  # fmt: skip
+
+
 def check_compatible(
-    payload: dict[str, Any], model_config: dict[str, Any], vocab: list[str], path: Path
+    payload: dict[str, Any], job: dict[str, Any], vocab: list[str], path: Path
 ) -> None:
-    """Refuse to resume a different model: the weights would not fit or would mean nothing."""
-    saved = payload["model_config"]
-    diffs = [f"{k} {saved.get(k)!r} vs {v!r}" for k, v in model_config.items() if saved.get(k) != v]
+    """Refuse to resume another job: another model, another vocabulary, other data. ``job``:
+    this job's settings (flat) and its model config."""
+    saved = {**payload["config"], **payload["model_config"]}
+    diffs = [f"{k} {saved.get(k)!r} vs {v!r}" for k, v in job.items() if saved.get(k) != v]
     if diffs:
         raise FlagError(
             "--checkpoint-dir",
-            f"{path} holds a different model ({'; '.join(diffs)}, checkpoint vs this job); "
+            f"{path} is another job's ({'; '.join(diffs)}, checkpoint vs this job); "
             "pass --fresh to start over, or use another --checkpoint-dir.",
         )
     if payload["vocab"] != vocab:

@@ -204,9 +204,10 @@ class Checkpointer:
                 log.warning("--fresh: removed %d checkpoint(s) in %s", removed, self.directory)
             if newest is not None:
                 path, payload = newest
-                checkpoint.check_compatible(
-                    payload, self.module.config.to_dict(), self.vocab.idx_to_token, path
-                )
+                flat = self.config.to_flat()
+                job = {k: flat[k] for k in checkpoint.SAME_ON_RESUME}
+                job |= self.module.config.to_dict()
+                checkpoint.check_compatible(payload, job, self.vocab.idx_to_token, path)
                 payload["path"] = str(path)
                 found = [payload]
         if self.info.is_distributed:

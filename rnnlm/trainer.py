@@ -127,6 +127,11 @@ class Trainer:
         :class:`~rnnlm.resume.Preempted` after a checkpoint when the job was told to stop."""
         found = self.checkpointer.find()
         resumed = self.checkpointer.restore(found, self.rng) if found is not None else None
+        model = Path(self.config.output.output_dir) / artifacts.WEIGHTS
+        if resumed and resumed.epoch > self.config.training.epochs and model.is_file():
+            log.warning("this job finished (%s): nothing to train; a larger --epochs trains on, "
+                        "--fresh starts over", resumed.path)  # fmt: skip
+            return TrainResult(self.module, self.data.vocab, self.history, model.parent)
         if make_tracker is not None:
             self.tracker = make_tracker(resumed.mlflow_run_id if resumed else None)
         self.checkpointer.mlflow_run_id = self.tracker.run_id

@@ -18,6 +18,7 @@ def payload(step: int) -> dict:
         "global_step": step,
         "model": {"w": torch.full((3,), float(step))},
         "data_rng": (3, tuple(range(625)), None),
+        "config": {"seed": 0, "batch_size": 32},
         "model_config": {"cell": "rnn", "num_hiddens": 8},
         "vocab": ["<unk>", " ", "e"],
     }

@@ -408,3 +408,41 @@ def test_fresh_on_a_retried_pod_resumes_its_own_job(
     another = run_job(args, env=job_env(RNNLM_JOB_ID="job-b"))
     assert another.returncode == 0, another.stderr[-3000:]
     assert "--fresh: removed" in another.stderr and "resuming from" not in another.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "difference"),
+    [("--seed", "1", "seed 0 vs 1"), ("--batch-size", "64", "batch_size 32 vs 64"),
+     ("--max-tokens", "30000", "max_tokens 40000 vs 30000")],
+)  # fmt: skip
+def test_a_checkpoint_of_other_data_settings_is_refused(
+    corpus_path: Path, tmp_path: Path, flag: str, value: str, difference: str
+) -> None:
+    """Only the model's shape and vocabulary were compared: another seed, batch size or token
+    budget resumed silently into the old job (a larger batch mid-epoch: a traceback)."""
+    assert run_job(args_for(corpus_path, tmp_path, "--no-tracking", epochs=2)).returncode == 0
+    other = args_for(corpus_path, tmp_path, "--no-tracking", flag, value, epochs=3)
+    proc = run_job(other)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and difference in errors[0] and "--fresh" in errors[0], errors
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_finished_job_run_again_trains_and_registers_nothing(
+    corpus_path: Path, tmp_path: Path, server: str
+) -> None:
+    args = args_for(corpus_path, tmp_path, "--tracking-uri", server, "--experiment", "ft-done",
+                    "--registered-model-name", "ft-done", epochs=2)  # fmt: skip
+    assert run_job(args).returncode == 0
+    model = (tmp_path / "model" / "model.safetensors").read_bytes()
+    again = run_job([*args, "--lr", "0.5"])  # the learning rate may change: the same job
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "this job finished" in again.stderr and "epoch 1" not in again.stderr
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == model
+    client = MlflowClient(server)
+    assert len(client.search_model_versions("name='ft-done'")) == 1
+    longer = run_job([*args, "--epochs", "3"])  # a larger --epochs trains on (the last wins)
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "resuming from" in longer.stderr and "epoch 3" in longer.stderr
+    assert len(client.search_model_versions("name='ft-done'")) == 2

@@ -270,6 +270,11 @@ def test_one_command_line_everywhere() -> None:
         env = plain_env(launch.container)
         assert env["RNNLM_JOB_ID"] == "$(RNNLM_JOB_NAME)", launch.overlay
         assert env["RNNLM_CHECKPOINT_DIR"].endswith("/$(RNNLM_JOB_NAME)"), launch.overlay
+    # Each launcher its own checkpoints and models: same-named jobs of two launchers on the
+    # shared volume would otherwise resume, and overwrite, each other's.
+    for name in ("RNNLM_CHECKPOINT_DIR", "RNNLM_OUTPUT_DIR"):
+        dirs = {plain_env(launch.container)[name] for launch in launches}
+        assert len(dirs) == len(launches), (name, dirs)
 
 
 @pytest.mark.parametrize("overlay", TRAINING_AND_GPU)

@@ -146,7 +146,9 @@ def test_two_pods_train_like_one_node(corpus_path: Path, tmp_path: Path, auth_se
     logs = [log.read_text() for _, log in pods]
     assert codes == [0, 0], "\n\n".join(text[-3000:] for text in logs)
 
-    model = shared / "models" / JOB_NAME
+    # Where the manifest's RNNLM_OUTPUT_DIR puts the model on the shared volume.
+    output = {e["name"]: e.get("value") for e in launch.container["env"]}["RNNLM_OUTPUT_DIR"]
+    model = shared / Path(output.replace("$(RNNLM_JOB_NAME)", JOB_NAME)).relative_to("/shared")
     two_nodes = read_train_info(model)
     # Each agent ran one process, so a world of 2 means the two agents formed one group.
     assert two_nodes["world_size"] == 2

@@ -201,7 +201,8 @@ class Checkpointer:
             newest = self._newest()
             if self.settings.fresh and (newest is None or newest[1].get("job_id") != self.job_id):
                 removed, newest = checkpoint.clear(self.directory), None
-                log.warning("--fresh: removed %d checkpoint(s) in %s", removed, self.directory)
+                if removed:  # nothing to say on a first start
+                    log.warning("--fresh: removed %d checkpoint(s) in %s", removed, self.directory)
             if newest is not None:
                 path, payload = newest
                 flat = self.config.to_flat()

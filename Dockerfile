@@ -42,10 +42,11 @@ FROM ${PYTHON_IMAGE} AS runtime-cpu
 COPY --from=venv-cpu /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# --- CUDA: the PyTorch image already holds torch; add the project only ------------------------
+# --- CUDA: the PyTorch image already holds torch; add the project and its gpu extra ------------
+# (nvidia-ml-py: MLflow's system metrics then include each GPU's utilisation and memory)
 FROM ${CUDA_IMAGE} AS runtime-cuda
 COPY --from=wheel /dist /dist
-RUN pip install --no-cache-dir /dist/*.whl && rm -rf /dist
+RUN pip install --no-cache-dir "$(ls /dist/*.whl)[gpu]" && rm -rf /dist
 
 # --- MLflow tracking server (k8s/tracking) ------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS venv-mlflow

@@ -14,11 +14,15 @@ from collections.abc import Iterator
 import click
 
 from rnnlm.distributed import read_env
-from rnnlm.errors import UserError, redact
+from rnnlm.errors import Transient, UserError, redact
 
 # Exit code for a user mistake; Kubernetes pod failure policies use it to fail a Job at once
 # rather than retry a command that can never succeed.
 EXIT_USER_ERROR = 2
+# Exit code for an outage that outlasted --outage-timeout (MLflow or the corpus host down): the
+# same command may succeed later. sysexits' EX_TEMPFAIL (75) lifted above 128, because the
+# Kubeflow training operator restarts only exit codes 128-255 (restartPolicy: ExitCode).
+EXIT_TRANSIENT = 128 + 75
 # How long another rank on rank 0's node waits, on a mistake, for the launcher to end the job
 # once rank 0 has reported it (the launcher checks its workers every 0.1 s by default).
 PEER_REPORT_WAIT_S = 5.0
@@ -26,6 +30,10 @@ PEER_REPORT_WAIT_S = 5.0
 
 class JobError(click.ClickException):
     exit_code = EXIT_USER_ERROR
+
+
+class OutageError(click.ClickException):
+    exit_code = EXIT_TRANSIENT
 
 
 class RedactingFormatter(logging.Formatter):
@@ -51,28 +59,30 @@ def setup_logging(rank: int, is_main: bool) -> None:
 
 @contextlib.contextmanager
 def user_errors(ranked: bool = True) -> Iterator[None]:
-    """Show a user's mistake as ``Error: <one line>`` and exit 2, never as a traceback.
-    ``ranked``: the command runs as one of torchrun's ranks (see :func:`_leave_it_to_rank_0`)."""
+    """Show a user's mistake as ``Error: <one line>`` and exit 2, an outage that outlasted its
+    retries the same way with exit 203; never a traceback. ``ranked``: the command runs as one
+    of torchrun's ranks (see :func:`_leave_it_to_rank_0`)."""
     try:
         yield
-    except UserError as exc:
+    except (UserError, Transient) as exc:
+        error = OutageError if isinstance(exc, Transient) else JobError
         if ranked:
-            _leave_it_to_rank_0()
-        raise JobError(redact(str(exc))) from None
+            _leave_it_to_rank_0(error.exit_code)
+        raise error(redact(str(exc))) from None
 
 
-def _leave_it_to_rank_0() -> None:
+def _leave_it_to_rank_0(code: int) -> None:
     """Every rank sees the same mistake, and rank 0 says it once. Another rank on rank 0's node
     must not leave first: its launcher could then stop rank 0 before it printed the line. So it
     waits for that launcher's stop (SIGTERM, its default action) and says the mistake itself
     only if the stop never comes (a mistake on this rank alone). A rank on another node leaves
-    at once, exit 2: its launcher hears of rank 0's exit only through the rendezvous, which
+    at once, with ``code``: its launcher hears of rank 0's exit only through the rendezvous, which
     ends with rank 0's node."""
     info = read_env(os.environ)
     if info.rank == 0:
         return
     if info.rank != info.local_rank:  # another node
-        sys.exit(EXIT_USER_ERROR)
+        sys.exit(code)
     if threading.current_thread() is threading.main_thread():  # only it may set handlers
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     time.sleep(PEER_REPORT_WAIT_S)

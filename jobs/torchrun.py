@@ -12,6 +12,8 @@ command that can never succeed (retrying it wastes the whole backoff budget) fro
 retrying. This launcher changes only the exit code:
 
 - the first worker to fail exited 2 (``Error: --flag: ...``): exit 2;
+- the first worker to fail exited 203 (an MLflow server or corpus host down for longer than
+  ``--outage-timeout``): exit 203, which the manifests retry;
 - another worker failure: exit 1, as torchrun does;
 - torchrun itself was signalled (SIGTERM on preemption or pod deletion): exit 128 + the signal
   number, the shell's convention, so operators that retry only signal exits (Kubeflow's
@@ -26,13 +28,14 @@ from torch.distributed import run as torch_run
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from jobs.common import EXIT_USER_ERROR
+from jobs.common import EXIT_TRANSIENT, EXIT_USER_ERROR
 
 
 def exit_code(error: ChildFailedError) -> int:
-    """The launcher's exit code for a failed worker group: 2 iff the root cause was a user error."""
+    """The launcher's exit code for a failed worker group: the first failed worker's where it
+    was a user error (2) or an outage (203), else 1."""
     _rank, first = error.get_first_failure()
-    return EXIT_USER_ERROR if first.exitcode == EXIT_USER_ERROR else 1
+    return first.exitcode if first.exitcode in (EXIT_USER_ERROR, EXIT_TRANSIENT) else 1
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,6 +34,7 @@ from rnnlm import artifacts
 from rnnlm.config import TrainConfig
 from rnnlm.dataset import cache_dir
 from rnnlm.distributed import DistInfo, process_group, read_env
+from rnnlm.errors import Transient, UserError
 from rnnlm.resume import EXIT_PREEMPTED, Preempted, stop_on_signals
 from rnnlm.steps import TrainSpec
 from rnnlm.tracking import make_tracker
@@ -59,24 +60,31 @@ def run(config: TrainConfig) -> None:
         stop_on_signals() as stop,
     ):
         setup_logging(info.rank, info.is_main)
-        preempted = fit(config, info, lambda: bool(stop))
-    # Only now, with the group gone: an exception leaving it would keep fit()'s frame, and with
-    # it the DDP module that holds the group, alive until interpreter exit.
-    if preempted:
-        log.warning("%s; exiting so the job is retried", preempted)
+        ended = fit(config, info, lambda: bool(stop))
+        if ended is not None and not isinstance(ended, Preempted):
+            # A mistake (exit 2) or an outage (exit 203), said in one line. Raised here, past
+            # the ranks' parting barrier: a peer may still be training. fit()'s frames are gone
+            # by now, so the traceback holds no DDP module while the group is torn down.
+            raise ended
+    if ended is not None:  # preempted: every rank stopped at the same step and left together
+        log.warning("%s; exiting so the job is retried", ended)
         sys.exit(EXIT_PREEMPTED)
 
 
-def fit(config: TrainConfig, info: DistInfo, stop: Callable[[], bool]) -> str | None:
-    """Train; the reason when a signal stopped training early (a checkpoint is written)."""
+def fit(config: TrainConfig, info: DistInfo, stop: Callable[[], bool]) -> Exception | None:
+    """Train; what ended training early, if anything did: a signal (a checkpoint is written),
+    a mistake, or an outage. Returned without its traceback, so that nothing holds the model."""
     data = prepare(config, info)
     output = Path(config.output.output_dir)
     with artifacts.claimed(output) if info.is_main else contextlib.nullcontext():
         trainer = Trainer(config, info, data, train_spec(config, info), stop)
+        retry_for = config.runtime.outage_timeout
         try:
-            trainer.fit(lambda run_id: make_tracker(config.tracking, info.is_main, run_id))
-        except Preempted as exc:
-            return str(exc)
+            trainer.fit(lambda run_id: make_tracker(config.tracking, info.is_main, run_id,
+                                                    retry_for))  # fmt: skip
+        except (Preempted, UserError, Transient) as exc:
+            exc.__context__ = exc.__cause__ = None
+            return exc.with_traceback(None)
     return None
 
 

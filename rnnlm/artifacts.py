@@ -7,6 +7,7 @@ Layout of a model directory::
     model.json          ModelConfig fields
     vocab.json          the vocabulary, index order
     train.json          the training config and final figures (informational)
+    mlflow.json         the MLflow run that recorded it, written once it is registered
 
 Nothing here executes code on load, and nothing needs the training data directory.
 """
@@ -36,6 +37,7 @@ WEIGHTS_PT = "model.pt"
 MODEL_CONFIG = "model.json"
 VOCAB = "vocab.json"
 TRAIN_INFO = "train.json"
+RECORDED = "mlflow.json"  # the MLflow run that recorded and registered this model, once it has
 
 
 @contextlib.contextmanager
@@ -84,6 +86,17 @@ def write_model_dir(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def mark_recorded(model_dir: Path, run_id: str) -> None:
+    staging = model_dir / f".{RECORDED}.tmp"
+    staging.write_text(json.dumps({"mlflow_run_id": run_id}))
+    os.replace(staging, model_dir / RECORDED)
+
+
+def recorded(model_dir: Path) -> bool:
+    """Whether the job that wrote ``model_dir`` recorded it in MLflow, registration and all."""
+    return (model_dir / RECORDED).is_file()
 
 
 def read_model_dir(path: Path, device: torch.device | str = "cpu") -> tuple[RNNLM, Vocab]:

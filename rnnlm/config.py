@@ -185,6 +185,11 @@ class RuntimeConfig(Section):
     dist_timeout: float = setting(
         300.0, "Seconds a collective waits for a lost peer before the job fails."
     )
+    outage_timeout: float = setting(
+        120.0,
+        "Seconds an unreachable (or 5xx-answering) MLflow server or corpus host is retried at "
+        "start before the job exits 203, the code its launcher retries.",
+    )
     cpu_kernel: str = setting(
         "auto",
         "The chapter's model on an x86-64 CPU: compiled (the optional kernel extension, built "
@@ -203,6 +208,8 @@ class RuntimeConfig(Section):
     def check(self, world_size: int) -> None:
         super().check(world_size)
         _positive_seconds("--dist-timeout", self.dist_timeout)
+        if not (self.outage_timeout >= 0 and math.isfinite(self.outage_timeout)):
+            raise FlagError("--outage-timeout", f"got {self.outage_timeout}; pass 0 or more.")
         if self.cuda_graphs and world_size > 1:
             raise FlagError(
                 "--cuda-graphs",

@@ -7,24 +7,25 @@ on every use.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
-from rnnlm.errors import FlagError, UserError, redact
+from rnnlm.errors import FlagError, Transient, backoff, redact
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 16
+TIMEOUT_S = 30.0  # to connect, and between two reads of a download
 _NON_LETTERS = re.compile(r"[^A-Za-z]+")
 
 
@@ -50,9 +51,11 @@ def fetch(
     sha1: str | None,
     cache_dir: Path,
     max_bytes: int = 4 << 30,
-    timeout: float = 30.0,
+    retry_for: float = 0.0,
 ) -> Path:
-    """Return a local, verified path for ``source`` (a URL or a file path)."""
+    """Return a local, verified path for ``source`` (a URL or a file path). A download that
+    fails for want of the server (no connection, a timeout, HTTP 408/429/5xx) is retried with
+    backoff for ``retry_for`` seconds, then raises :class:`~rnnlm.errors.Transient`."""
     if not is_url(source):
         path = Path(source.removeprefix("file://")).expanduser()
         if not path.is_file():
@@ -74,56 +77,69 @@ def fetch(
     target.parent.mkdir(parents=True, exist_ok=True)
     # Over https where the host offers it (one quick try: an http-only host costs no retries).
     # Unpinned, a cached file is revalidated (ETag, Last-Modified) and fetched only if changed.
-    secure = "https://" + source.removeprefix("http://")
-    for url, retries in ([(secure, 0)] if source.startswith("http://") else []) + [(source, 3)]:
+    if source.startswith("http://"):
+        with contextlib.suppress(requests.RequestException):
+            _fetch_verified("https://" + source.removeprefix("http://"), sha1, target, max_bytes)
+            return target
+    tries = backoff(retry_for)
+    while True:
         try:
-            _fetch_verified(url, sha1, target, max_bytes, (timeout, retries))
+            _fetch_verified(source, sha1, target, max_bytes)
             return target
         except requests.RequestException as exc:
             error = exc
-    if cached:
-        log.warning("cannot revalidate %s (%s); using the cached copy", redact(source), error)
-        return target
-    raise UserError(
-        f"--corpus: cannot download {source} ({type(error).__name__}). On a machine without "
-        "internet, pass a local copy: --corpus /path/to/timemachine.txt"
-    ) from error
+        status = error.response.status_code if error.response is not None else None
+        if status is not None and status < 500 and status not in (408, 429):
+            raise FlagError("--corpus", f"{redact(source)} answered HTTP {status}; check the URL.")
+        if cached:
+            log.warning("cannot revalidate %s (%s); using the cached copy", redact(source), error)
+            return target
+        wait = next(tries, None)
+        if wait is None:
+            raise Transient(
+                f"--corpus: cannot download {redact(source)} ({_reason(error)}) for "
+                f"{retry_for:.0f} s (--outage-timeout). On a machine without internet, pass a "
+                "local copy: --corpus /path/to/timemachine.txt"
+            )
+        if wait == 1.0:  # the first retry: say it once
+            log.warning("cannot download %s (%s); retrying for up to %.0f s (--outage-timeout)",
+                        redact(source), _reason(error), retry_for)  # fmt: skip
+        time.sleep(wait)
 
 
-def _fetch_verified(
-    url: str, sha1: str | None, target: Path, max_bytes: int, limits: tuple[float, int]
-) -> None:
+def _reason(error: requests.RequestException) -> str:
+    if error.response is not None:
+        return f"HTTP {error.response.status_code}"
+    return type(error).__name__
+
+
+def _fetch_verified(url: str, sha1: str | None, target: Path, max_bytes: int) -> None:
     """Stream into a temporary file beside ``target``; rename only if complete, within
     ``max_bytes`` and of the right sha1. A file in the cache is kept if the server says 304."""
-    timeout, retries = limits
-    retry = Retry(total=retries, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504))
     validators = target.with_name(f".{target.name}.validators")
     known = sha1 is None and target.is_file() and validators.is_file()  # unpinned, cached
     headers = json.loads(validators.read_text()) if known else {}
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     tmp, digest, size = Path(tmp_name), hashlib.sha1(), 0
     try:
-        with requests.Session() as session:
-            session.mount("http://", HTTPAdapter(max_retries=retry))
-            session.mount("https://", HTTPAdapter(max_retries=retry))
-            with (
-                os.fdopen(fd, "wb") as out,
-                session.get(url, stream=True, timeout=timeout, headers=headers) as r,
-            ):
-                r.raise_for_status()
-                if r.status_code == 304:
-                    return
-                if urlparse(r.url).hostname != urlparse(url).hostname:
-                    log.warning("%s redirected to another host: %s", redact(url), redact(r.url))
-                for chunk in r.iter_content(_CHUNK):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        too_big = f"{redact(url)} is larger than {max_bytes >> 20} MiB; raise it"
-                        raise FlagError("--max-corpus-mb", too_big + " for a larger corpus.")
-                    digest.update(chunk)
-                    out.write(chunk)
-                names = {"ETag": "If-None-Match", "Last-Modified": "If-Modified-Since"}
-                headers = {ask: r.headers[got] for got, ask in names.items() if got in r.headers}
+        with (
+            os.fdopen(fd, "wb") as out,
+            requests.get(url, stream=True, timeout=TIMEOUT_S, headers=headers) as r,
+        ):
+            r.raise_for_status()
+            if r.status_code == 304:
+                return
+            if urlparse(r.url).hostname != urlparse(url).hostname:
+                log.warning("%s redirected to another host: %s", redact(url), redact(r.url))
+            for chunk in r.iter_content(_CHUNK):
+                size += len(chunk)
+                if size > max_bytes:
+                    too_big = f"{redact(url)} is larger than {max_bytes >> 20} MiB; raise it"
+                    raise FlagError("--max-corpus-mb", too_big + " for a larger corpus.")
+                digest.update(chunk)
+                out.write(chunk)
+            names = {"ETag": "If-None-Match", "Last-Modified": "If-Modified-Since"}
+            headers = {ask: r.headers[got] for got, ask in names.items() if got in r.headers}
         if sha1 and digest.hexdigest() != sha1:
             raise FlagError(
                 "--corpus-sha1",

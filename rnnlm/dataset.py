@@ -29,11 +29,11 @@ def cache_dir(config: DataConfig) -> Path:
     return Path(config.cache_dir) if config.cache_dir else corpus.default_cache_dir()
 
 
-def load_dataset(config: DataConfig) -> Dataset:
-    """The vocabulary is built from the WHOLE corpus, then the training slice is cut (d2l)."""
-    path = corpus.fetch(
-        config.corpus, config.resolved_sha1(), cache_dir(config), config.max_corpus_mb << 20
-    )
+def load_dataset(config: DataConfig, retry_for: float = 0.0) -> Dataset:
+    """The vocabulary is built from the WHOLE corpus, then the training slice is cut (d2l).
+    ``retry_for``: seconds an unreachable corpus host is retried (see :func:`corpus.fetch`)."""
+    path = corpus.fetch(config.corpus, config.resolved_sha1(), cache_dir(config),
+                        config.max_corpus_mb << 20, retry_for)  # fmt: skip
     tokens = corpus.load_tokens(path, config.preprocess)
     vocab = Vocab.build(tokens, min_freq=config.min_freq)
     ids = torch.tensor(vocab.encode(tokens), dtype=torch.long)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -170,6 +171,14 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.is_distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def from_main(value: Any, info: DistInfo) -> Any:
+    """``value`` as the main rank has it, on every rank (pickled: small objects only)."""
+    box = [value]
+    if info.is_distributed:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class StopVote:

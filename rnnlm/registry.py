@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from rnnlm import artifacts
 from rnnlm.errors import UserError
@@ -59,10 +60,40 @@ def log_and_register(
     run_id: str, model_dir: Path, name: str, alias: str, summary: dict[str, float]
 ) -> int:
     """Log ``model_dir`` as a pyfunc in run ``run_id``, register it as ``name`` and point
-    ``alias`` at the new version. Returns the version number."""
+    ``alias`` at the new version. Returns the version number. Idempotent: a retry, or the same
+    job run again, finds the model and the version that an earlier try of this run logged or
+    registered, rather than adding another."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    mine = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if mine:
+        version = min(int(v.version) for v in mine)
+        log.info("found version %d of %s, registered by this run", version, name)
+    else:
+        version = _register(client, run_id, model_dir, name)
+    client.set_registered_model_alias(name, alias, str(version))
+    description = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in summary.items())
+    client.update_model_version(name, str(version), description=f"Final {description}.")
+    log.info("registered %s version %d as @%s", name, version, alias)
+    return version
+
+
+def _register(client: Any, run_id: str, model_dir: Path, name: str) -> int:
+    """Register this run's logged model, logging it first unless an earlier try did."""
+    import mlflow
+
+    experiment = client.get_run(run_id).info.experiment_id
+    logged = client.search_logged_models([experiment], f"source_run_id = '{run_id}'")
+    ready = [m.model_id for m in logged if str(m.status) == "READY"]  # not a half-uploaded one
+    model_id = ready[0] if ready else _log_model(run_id, model_dir)
+    return int(mlflow.register_model(f"models:/{model_id}", name).version)
+
+
+def _log_model(run_id: str, model_dir: Path) -> str:
+    """Log the model directory as a pyfunc in the run; its logged model's id."""
     import mlflow
     import pandas as pd
-    from mlflow import MlflowClient
 
     with tempfile.TemporaryDirectory() as tmp:
         serving = Path(tmp) / "model_dir"
@@ -82,15 +113,8 @@ def log_and_register(
                 signature=signature(),
                 input_example=(pd.DataFrame({"prefix": ["time traveller"]}), {"num_chars": 20}),
                 pip_requirements=requirements(),
-                registered_model_name=name,
             )
-    version = int(info.registered_model_version)
-    client = MlflowClient()
-    client.set_registered_model_alias(name, alias, str(version))
-    description = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in summary.items())
-    client.update_model_version(name, str(version), description=f"Final {description}.")
-    log.info("registered %s version %d as @%s", name, version, alias)
-    return version
+    return str(info.model_id)
 
 
 def download_model(model_uri: str, dst: Path, tracking_uri: str | None = None) -> Path:

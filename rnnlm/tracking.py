@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import queue
+import re
 import subprocess
 import threading
 import time
@@ -29,7 +30,7 @@ import requests
 
 from rnnlm import __version__
 from rnnlm.config import TrackingConfig
-from rnnlm.errors import UserError, redact
+from rnnlm.errors import Transient, UserError, backoff, redact
 from rnnlm.records import EpochStats, History
 
 log = logging.getLogger(__name__)
@@ -68,39 +69,78 @@ def resolve_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
 
 
-def check_server(uri: str, timeout: float = 10.0) -> None:
-    """Fail at start, before any training, if the server is down or refuses our credentials."""
+def check_server(uri: str, retry_for: float) -> None:
+    """Before any training: fail if the server refuses us (a user mistake), wait up to
+    ``retry_for`` seconds for one that is down, restarting or failing with 5xx (an outage).
+    MLflow's own client makes the call, so every way it authenticates works here too (user and
+    password, ``MLFLOW_TRACKING_TOKEN``, ``~/.mlflow/credentials``, its TLS settings)."""
     if not uri.startswith(("http://", "https://")):
         return
-    base = uri.rstrip("/")
-    try:
-        requests.get(f"{base}/health", timeout=timeout).raise_for_status()
-    except requests.RequestException as exc:
-        raise UserError(
-            f"--tracking-uri: cannot reach the MLflow tracking server at {uri} "
-            f"({type(exc).__name__}); start it, fix --tracking-uri / MLFLOW_TRACKING_URI, "
-            "or pass --no-tracking."
-        ) from None
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    auth = (user, password) if user and password else None
-    resp = requests.get(
-        f"{base}/api/2.0/mlflow/experiments/search",
-        params={"max_results": 1},
-        auth=auth,
-        timeout=timeout,
-    )
-    if resp.status_code in (401, 403):
-        who = f"the credentials of user {user!r}" if auth else "a request without credentials"
-        raise UserError(
-            f"--tracking-uri: the MLflow server at {uri} refused {who}"
-            f" (HTTP {resp.status_code}); set MLFLOW_TRACKING_USERNAME and "
-            "MLFLOW_TRACKING_PASSWORD to a valid account."
-        )
-    if not resp.ok:
-        raise UserError(
-            f"--tracking-uri: {uri} answered HTTP {resp.status_code}; is it an MLflow server?"
-        )
+    from mlflow import MlflowClient
+
+    tries, where = backoff(retry_for), redact(uri)
+    while True:
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+            return
+        except Exception as exc:
+            error, status = exc, refusal(exc)
+        if status in (401, 403):
+            raise UserError(
+                f"--tracking-uri: the MLflow server at {where} refused {_who()} (HTTP {status}); "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                "MLFLOW_TRACKING_TOKEN) to a valid account."
+            )
+        if status is not None:
+            raise UserError(f"--tracking-uri: {where} answered HTTP {status}; is it MLflow?")
+        wait = next(tries, None)
+        if wait is None:
+            raise Transient(
+                f"--tracking-uri: cannot reach the MLflow tracking server at {where} for "
+                f"{retry_for:.0f} s (--outage-timeout; {_first_line(error)}); start it, fix "
+                "--tracking-uri / MLFLOW_TRACKING_URI, or pass --no-tracking."
+            )
+        if wait == 1.0:  # the first retry: say it once
+            log.warning("MLflow at %s is not answering (%s); retrying for up to %.0f s "
+                        "(--outage-timeout)", where, _first_line(error), retry_for)  # fmt: skip
+        time.sleep(wait)
+
+
+def refusal(exc: BaseException) -> int | None:
+    """The HTTP status of a refusal that the same request would get again (a 4xx other than
+    408, 409 and 429: bad input, a missing permission); None for what is worth retrying (no
+    connection, a timeout, a 5xx, or any other failure)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        status = exc.get_http_status_code()
+    elif isinstance(exc, requests.HTTPError) and exc.response is not None:
+        status = exc.response.status_code  # artifact uploads
+    else:
+        return None
+    return status if 400 <= status < 500 and status not in (408, 409, 429) else None
+
+
+def _who() -> str:
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return "the token in MLFLOW_TRACKING_TOKEN"
+    user = read_mlflow_creds().username
+    return f"the credentials of user {user!r}" if user else "a request without credentials"
+
+
+def _first_line(exc: BaseException) -> str:
+    """What went wrong, short: MLflow wraps a refused connection or an HTTP error in long
+    messages (the URL, the retry policy, the whole body)."""
+    text = str(exc)
+    if cause := re.search(r"\[Errno -?\d+\] ([^'\")]+)", text):
+        return cause[1]
+    if cause := re.search(r"error code (\d{3}) != \d+\. Response body: '(.{0,100})", text):
+        return f"HTTP {cause[1]}: {cause[2].rstrip(chr(39))}"
+    if re.search(r"time[d ]? ?out", text, re.I):
+        return "timed out"
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -120,7 +160,8 @@ class _Sender(threading.Thread):
         super().__init__(name="mlflow-sender", daemon=True)
         self.tasks: queue.Queue[tuple[str, Callable[[], object]] | None] = queue.Queue()
         self.deadline: float | None = None  # set at close: give up retrying after it
-        self.failed: list[str] = []
+        self.failed: list[str] = []  # given up at the deadline: an outage
+        self.refused: list[str] = []  # refused by the server (a 4xx): never retried
 
     def submit(self, what: str, task: Callable[[], object]) -> None:
         self.tasks.put((what, task))
@@ -152,16 +193,16 @@ class _Sender(threading.Thread):
                     log.warning("MLflow reachable again; sent %s", what)
                 return
             except Exception as exc:  # any failure of the server or the network
+                if refusal(exc) is not None:  # the same call would be refused again
+                    log.error("MLflow refused %s (%s); not retried", what, _first_line(exc))
+                    self.refused.append(f"{what} ({_first_line(exc)})")
+                    return
                 if self.deadline is not None and time.monotonic() > self.deadline:
                     self.failed.append(what)
                     return
                 if not warned:
-                    log.warning(
-                        "MLflow call failed (%s: %s); training continues, retrying %s",
-                        type(exc).__name__,
-                        str(exc).splitlines()[0][:200] if str(exc) else "",
-                        what,
-                    )
+                    log.warning("MLflow call failed (%s); training continues, retrying %s",
+                                _first_line(exc), what)  # fmt: skip
                     warned = True
                 time.sleep(delay)
                 delay = min(delay * 2, 15.0)
@@ -181,35 +222,33 @@ class _Sender(threading.Thread):
 class MlflowTracker(Tracker):
     """One MLflow run for the whole job, written by the main rank only."""
 
-    def __init__(self, settings: TrackingConfig, run_id: str | None = None) -> None:
+    def __init__(
+        self, settings: TrackingConfig, run_id: str | None = None, retry_for: float = 0.0
+    ) -> None:
         import mlflow
         from mlflow import MlflowClient
 
         # We retry in our own thread; MLflow's own retries would stall each call for minutes.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # log lines only
         self.settings = settings
         self.uri = resolve_uri(settings.tracking_uri)
         if redact(self.uri) != self.uri:  # MLflow prints a run's URL, credentials and all
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-        check_server(self.uri)
+        check_server(self.uri, retry_for)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
-        if run_id is not None:
-            try:  # continue the run of the job this one resumes
-                self.client.update_run(run_id, status="RUNNING")
-            except Exception as exc:
-                log.warning("cannot continue MLflow run %s (%s); starting a new run", run_id, exc)
-                run_id = None
-        if run_id is None:
-            experiment = self.client.get_experiment_by_name(settings.experiment)
-            experiment_id = (
-                experiment.experiment_id
-                if experiment is not None
-                else self.client.create_experiment(settings.experiment)
-            )
-            run_id = self.client.create_run(experiment_id, run_name=settings.run_name).info.run_id
+        try:
+            run_id = self._open(run_id)
+        except Exception as exc:
+            if refusal(exc) is None:
+                failed = f"--tracking-uri: MLflow failed at start ({_first_line(exc)})"
+                raise Transient(failed) from None
+            raise UserError(
+                f"--experiment: MLflow refused to open a run in {settings.experiment!r} "
+                f"({_first_line(exc)}); give the account edit rights on it, or pass another."
+            ) from None
         self.run_id: str | None = run_id
         self._run_id = run_id
         self.history: list[EpochStats] = []
@@ -228,6 +267,23 @@ class MlflowTracker(Tracker):
         self.sender.start()
         self.system_metrics = self._start_system_metrics()
         log.info("tracking to %s, run %s", redact(self.uri), run_id)
+
+    def _open(self, run_id: str | None) -> str:
+        """The run of the job this one resumes, continued; else a new run."""
+        if run_id is not None:
+            try:
+                self.client.update_run(run_id, status="RUNNING")
+                return run_id
+            except Exception as exc:
+                if refusal(exc) is None:
+                    raise
+                log.warning("cannot continue MLflow run %s (%s); starting a new run", run_id, exc)
+        name = self.settings.experiment
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = (
+            experiment.experiment_id if experiment else self.client.create_experiment(name)
+        )
+        return self.client.create_run(experiment_id, run_name=self.settings.run_name).info.run_id
 
     def _start_system_metrics(self) -> Any:
         try:
@@ -450,17 +506,33 @@ class MlflowTracker(Tracker):
             )
         # A failing or preempted job must exit soon: the launcher kills it after ~30 s anyway.
         timeout = self.settings.tracking_timeout if status == "FINISHED" else 10.0
-        unsent = self.sender.close(timeout)
-        if unsent:
-            what = ", ".join(unsent[:5])
-            log.warning("MLflow unreachable for %.0f s at the end: %d record(s) not sent (%s); "
-                        "the model is saved locally.", timeout, len(unsent), what)  # fmt: skip
+        unsent, refused = self.sender.close(timeout), self.sender.refused
+        what = ", ".join(unsent[:5])
+        if status != "FINISHED":  # an exception is on its way out: it says what happened
+            if unsent:
+                log.warning("MLflow unreachable for %.0f s at the end: %d record(s) not sent "
+                            "(%s)", timeout, len(unsent), what)  # fmt: skip
+        elif refused:
+            raise UserError(
+                f"--tracking-uri: MLflow refused {'; '.join(refused[:3])}, which no retry can "
+                "change. The model is saved in --output-dir; fix the account's permissions (or "
+                "the flag the refusal names) and run the same command again to record it."
+            )
+        elif unsent:
+            raise Transient(
+                f"--tracking-timeout: MLflow did not take {len(unsent)} record(s) ({what}) "
+                f"within {timeout:.0f} s. The model is saved in --output-dir; the same command, "
+                "run again, sends them and registers the model (launchers retry exit 203)."
+            )
 
 
-def make_tracker(settings: TrackingConfig, is_main: bool, run_id: str | None = None) -> Tracker:
-    """The main rank's MLflow tracker where tracking is on; a null tracker everywhere else."""
+def make_tracker(
+    settings: TrackingConfig, is_main: bool, run_id: str | None = None, retry_for: float = 0.0
+) -> Tracker:
+    """The main rank's MLflow tracker where tracking is on; a null tracker everywhere else.
+    ``retry_for``: seconds an unreachable server is waited for at start."""
     if settings.tracking and is_main:
-        return MlflowTracker(settings, run_id)
+        return MlflowTracker(settings, run_id, retry_for)
     return Tracker()
 
 

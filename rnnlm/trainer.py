@@ -23,8 +23,8 @@ from rnnlm import artifacts, checkpoint
 from rnnlm.batching import check_corpus_length, epoch_batches
 from rnnlm.config import TrainConfig
 from rnnlm.dataset import Dataset, load_dataset
-from rnnlm.distributed import DistInfo, StopVote, wrap_model
-from rnnlm.errors import FlagError
+from rnnlm.distributed import DistInfo, StopVote, from_main, wrap_model
+from rnnlm.errors import FlagError, Transient, UserError
 from rnnlm.evaluate import evaluate, validation_batches
 from rnnlm.generate import generate
 from rnnlm.loop import Epoch, train_epoch
@@ -60,7 +60,7 @@ def prepare(config: TrainConfig, info: DistInfo) -> Dataset:
         _check_output_dir(Path(config.output.output_dir))
         if config.checkpoint.checkpoint_dir:
             checkpoint.check_writable(Path(config.checkpoint.checkpoint_dir))
-    data = load_dataset(config.data)
+    data = load_dataset(config.data, config.runtime.outage_timeout)
     check_corpus_length(
         len(data.train_ids), config.data.batch_size, config.data.num_steps, info.world_size
     )
@@ -128,25 +128,51 @@ class Trainer:
         found = self.checkpointer.find()
         resumed = self.checkpointer.restore(found, self.rng) if found is not None else None
         model = Path(self.config.output.output_dir) / artifacts.WEIGHTS
-        if resumed and resumed.epoch > self.config.training.epochs and model.is_file():
-            log.warning("this job finished (%s): nothing to train; a larger --epochs trains on, "
-                        "--fresh starts over", resumed.path)  # fmt: skip
+        epochs = self.config.training.epochs
+        finished = resumed is not None and resumed.epoch > epochs and model.is_file()
+        # The main rank writes the model, so it decides (other nodes may not see the file).
+        finished, recorded = from_main((finished, finished and artifacts.recorded(model.parent)),
+                                       self.info)  # fmt: skip
+        if make_tracker is not None and not recorded:
+            self.tracker = self._start_tracking(make_tracker, resumed)
+        if finished and (not self.info.is_main or self.tracker.run_id is None):
+            log.warning("this job finished (its model is in %s): nothing to train; a larger "
+                        "--epochs trains on, --fresh starts over", model.parent)  # fmt: skip
             return TrainResult(self.module, self.data.vocab, self.history, model.parent)
-        if make_tracker is not None:
-            self.tracker = make_tracker(resumed.mlflow_run_id if resumed else None)
         self.checkpointer.mlflow_run_id = self.tracker.run_id
         status = "FAILED"
         try:
             self._open_run(resumed)
-            self._train(resumed)
-            result = self._finish()
+            if finished:  # its first run could not record it all (an outage, a refusal)
+                log.warning("this job finished: recording what MLflow is missing of it")
+                result = TrainResult(self.module, self.data.vocab, self.history, model.parent)
+                self.tracker.log_model(model.parent, self._summary())
+            else:
+                self._train(resumed)
+                result = self._finish()
             status = "FINISHED"
-            return result
         except Preempted:
             status = "RUNNING"  # the retried job continues the same run
             raise
         finally:
             self.tracker.close(status)
+        if self.tracker.run_id and result.model_dir:  # recorded: a run again changes nothing
+            artifacts.mark_recorded(result.model_dir, self.tracker.run_id)
+        return result
+
+    def _start_tracking(self, make_tracker: TrackerFactory, resumed: Resumed | None) -> Tracker:
+        """The main rank's tracker (a null one elsewhere). When it cannot start, every rank
+        raises its error: no rank may go on training while the main rank leaves."""
+        failure, tracker = None, Tracker()
+        try:
+            tracker = make_tracker(resumed.mlflow_run_id if resumed else None)
+        except (UserError, Transient) as exc:
+            failure = (isinstance(exc, Transient), str(exc))
+        failure = from_main(failure, self.info)
+        if failure is not None:
+            outage, message = failure
+            raise Transient(message) if outage else UserError(message)
+        return tracker
 
     def run_epoch(self, number: int, progress: EpochProgress | None = None) -> EpochStats:
         """Train one epoch (from ``progress`` when resuming one part-way)."""
@@ -159,15 +185,16 @@ class Trainer:
         return train_epoch(self.step, epoch, self.info, after_step)
 
     def _open_run(self, resumed: Resumed | None) -> None:
-        if resumed is not None:
-            self.tracker.resume(self.history)
-        else:
+        """A new run gets the job's settings; a resumed job's run, what it lacks of the history."""
+        if resumed is None or self.tracker.run_id != resumed.mlflow_run_id:
             info, data = self.info, self.data
             tags = standard_tags(info.world_size, info.backend, str(info.device),
                                  self.config.data.corpus, data.sha1)  # fmt: skip
             self.tracker.log_config(self.config.to_flat(), {**tags, "train_path": self.spec.name})
             self.tracker.log_dataset(self.config.data.corpus, data.sha1, len(data.train_ids))
             self.tracker.log_artifact_text(data.vocab.to_json(), "vocab.json")
+        if resumed is not None:
+            self.tracker.resume(self.history)
         # The run's opening records go out before the first step rather than during the first
         # epochs, where the sender thread would compete with training (bounded: an unreachable
         # server must not hold training up; its records keep being retried).
@@ -220,9 +247,7 @@ class Trainer:
         final = history.epochs[-1]
         log.info("perplexity %.1f, %.1f tokens/sec on %s",
                  final.perplexity, final.tokens_per_s, self.info.device)  # fmt: skip
-        summary = {"train_perplexity": final.perplexity}
-        if history.val_perplexity:
-            summary["val_perplexity"] = history.val_perplexity[-1]
+        summary = self._summary()
         result.model_dir = artifacts.write_model_dir(
             Path(self.config.output.output_dir), self.module, self.data.vocab,
             self._train_info(summary),
@@ -230,6 +255,12 @@ class Trainer:
         self.tracker.log_model(result.model_dir, summary)
         log.info("model written to %s", result.model_dir)
         return result
+
+    def _summary(self) -> dict[str, float]:
+        summary = {"train_perplexity": self.history.epochs[-1].perplexity}
+        if self.history.val_perplexity:
+            summary["val_perplexity"] = self.history.val_perplexity[-1]
+        return summary
 
     def _train_info(self, summary: dict[str, float]) -> dict[str, object]:
         """``train.json``: the settings and the figures of every epoch."""

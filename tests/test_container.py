@@ -124,3 +124,16 @@ def test_default_command_prints_the_help() -> None:
     exe = Path(sys.executable).parent / "rnnlm-train"
     proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("Usage: rnnlm-train")
+
+
+def test_the_cuda_image_installs_the_gpu_extra_for_gpu_metrics() -> None:
+    """MLflow records GPU utilisation and memory only where nvidia-ml-py is installed: the
+    ``gpu`` extra carries it, and the CUDA image installs the wheel with that extra."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    gpu = extras["optional-dependencies"]["gpu"]
+    assert any(re.match(r"nvidia-ml-py\b", requirement) for requirement in gpu), gpu
+    stages = re.split(r"^FROM ", DOCKERFILE.read_text(), flags=re.M)
+    (cuda,) = [stage for stage in stages if stage.startswith("${CUDA_IMAGE} AS runtime-cuda")]
+    assert re.search(r"pip install .*\.whl\)?\[gpu\]", cuda), cuda

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rnnlm import corpus
-from rnnlm.errors import UserError
+from rnnlm.errors import FlagError, Transient, UserError
 from tests.conftest import CORPUS_SHA1, free_port
 
 
@@ -88,10 +88,10 @@ def test_checksum_mismatch_caches_nothing(http_server, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unreachable_url_says_how_to_pass_a_local_file(tmp_path: Path) -> None:
+def test_unreachable_url_is_an_outage_that_says_how_to_pass_a_local_file(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}/timemachine.txt"  # nothing listens there
-    with pytest.raises(UserError, match=r"cannot download .* --corpus /path/to/timemachine.txt"):
-        corpus.fetch(url, None, tmp_path, timeout=2)
+    with pytest.raises(Transient, match=r"cannot download .* --corpus /path/to/timemachine.txt"):
+        corpus.fetch(url, None, tmp_path, retry_for=2)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -99,14 +99,20 @@ def test_unreachable_url_says_how_to_pass_a_local_file(tmp_path: Path) -> None:
 def web() -> Iterator[tuple[str, dict[str, bytes], list[tuple[str, int]]]]:
     """A real HTTP server on loopback: ``files`` (path -> body, changeable while it runs), with
     ETags and 304s, ``/moved/...`` redirecting to the same path on ``localhost`` (another host
-    name); records (path, status) of every answer."""
+    name), 404 for a path it does not have, and for a path ``files`` maps to ``b"503 N"`` N
+    answers 503 before the 503 body is served; records (path, status) of every answer."""
     files: dict[str, bytes] = {}
     answered: list[tuple[str, int]] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             port = self.server.server_address[1]
-            if self.path.startswith("/moved/"):
+            busy = files.get(self.path, b"").split()
+            if busy[:1] == [b"503"] and int(busy[1]) > sum(p == self.path for p, _ in answered):
+                status, location = 503, None
+            elif self.path not in files and not self.path.startswith("/moved/"):
+                status, location = 404, None
+            elif self.path.startswith("/moved/"):
                 status, location = (
                     302,
                     f"http://localhost:{port}/{self.path.removeprefix('/moved/')}",
@@ -169,3 +175,21 @@ def test_a_redirect_to_another_host_is_logged(web, tmp_path: Path, caplog) -> No
     assert path.read_bytes() == b"some text"
     (warning,) = [r.getMessage() for r in caplog.records if "redirected" in r.getMessage()]
     assert "redirected to another host: http://localhost:" in warning
+
+
+def test_a_busy_host_is_retried_a_missing_file_is_not(web, tmp_path: Path) -> None:
+    """HTTP 503 is an outage, retried with backoff within ``retry_for``; past it, Transient
+    (exit 203). A 404 is a mistake in the URL: one request, a FlagError (exit 2)."""
+    base, files, answered = web
+    files["/busy.txt"] = b"503 2"  # two 503s, then the file
+    path = corpus.fetch(f"{base}/busy.txt", None, tmp_path / "a", retry_for=30)
+    assert path.read_bytes() == b"503 2"
+    assert [s for p, s in answered if p == "/busy.txt"] == [503, 503, 200]
+    files["/down.txt"] = b"503 1000"
+    with pytest.raises(Transient, match=r"cannot download .*down.txt \(HTTP 503\) for 3 s"):
+        corpus.fetch(f"{base}/down.txt", None, tmp_path / "b", retry_for=3)
+    assert 2 <= sum(p == "/down.txt" for p, _ in answered) <= 3  # after 1 s and 2 s, no more
+    with pytest.raises(FlagError, match=r"--corpus: .*/missing.txt answered HTTP 404"):
+        corpus.fetch(f"{base}/missing.txt", None, tmp_path / "c", retry_for=30)
+    assert [s for p, s in answered if p == "/missing.txt"] == [404]
+    assert not list((tmp_path / "c").iterdir())

@@ -170,6 +170,10 @@ def test_two_pods_train_like_one_node(corpus_path: Path, tmp_path: Path, auth_se
     assert [m.value for m in history] == pytest.approx(two_nodes["perplexity_by_epoch"])
     version = client.get_model_version_by_alias("rnnlm-timemachine", "candidate")
     assert version.run_id == run.info.run_id
+    # Each node's first rank reports its node's system metrics into the one run, by node.
+    for node in ("node0", "node1"):
+        for metric in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+            assert f"system/{node}/{metric}" in run.data.metrics, sorted(run.data.metrics)
 
     one_node_dir = tmp_path / "one-node"
     # The reference logs nothing: it is compared on its results only.

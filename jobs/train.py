@@ -80,8 +80,7 @@ def fit(config: TrainConfig, info: DistInfo, stop: Callable[[], bool]) -> Except
         trainer = Trainer(config, info, data, train_spec(config, info), stop)
         retry_for = config.runtime.outage_timeout
         try:
-            trainer.fit(lambda run_id: make_tracker(config.tracking, info.is_main, run_id,
-                                                    retry_for))  # fmt: skip
+            trainer.fit(lambda run_id: make_tracker(config.tracking, info, run_id, retry_for))
         except (Preempted, UserError, Transient) as exc:
             exc.__context__ = exc.__cause__ = None
             return exc.with_traceback(None)

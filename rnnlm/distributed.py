@@ -42,6 +42,8 @@ class DistInfo:
     restart_count: int = 0
     device: torch.device = _CPU
     backend: str | None = None  # None: a single process, no group
+    node: int = 0  # torchrun's agent (node) of this rank
+    nodes: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -60,6 +62,8 @@ def read_env(env: Mapping[str, str]) -> DistInfo:
         world_size=int(env.get("WORLD_SIZE", 1)),
         local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
         restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        node=int(env.get("GROUP_RANK", 0)),
+        nodes=int(env.get("GROUP_WORLD_SIZE", 1)),
     )
 
 

@@ -1,8 +1,9 @@
 """Where a job reports what happened: MLflow on the main rank, nothing elsewhere.
 
 The tracker is chosen once per process (:func:`make_tracker`): the main rank gets an
-:class:`MlflowTracker`, every other rank a :class:`Tracker` that records nothing, so call sites
-stay unconditional and no rank-0-only code ever calls a collective.
+:class:`MlflowTracker`, the first rank of every other node a :class:`NodeMetrics` (its node's
+system metrics), every other rank a :class:`Tracker` that records nothing, so call sites stay
+unconditional and no rank-0-only code ever calls a collective.
 
 Tracking must neither slow nor kill training. Everything after the start-up check is handed to
 one background thread that sends records in order and, while the server is unreachable, keeps
@@ -13,6 +14,7 @@ remaining epochs and the model still arrive. At the end the job waits at most
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -30,6 +32,7 @@ import requests
 
 from rnnlm import __version__
 from rnnlm.config import TrackingConfig
+from rnnlm.distributed import DistInfo
 from rnnlm.errors import Transient, UserError, backoff, redact
 from rnnlm.records import EpochStats, History
 
@@ -223,8 +226,13 @@ class MlflowTracker(Tracker):
     """One MLflow run for the whole job, written by the main rank only."""
 
     def __init__(
-        self, settings: TrackingConfig, run_id: str | None = None, retry_for: float = 0.0
+        self,
+        settings: TrackingConfig,
+        run_id: str | None = None,
+        retry_for: float = 0.0,
+        node: str | None = None,
     ) -> None:
+        """``node``: the label of this node's system metrics in a job of several nodes."""
         import mlflow
         from mlflow import MlflowClient
 
@@ -265,7 +273,7 @@ class MlflowTracker(Tracker):
         self.finishing = threading.Event()
         self.sender = _Sender()
         self.sender.start()
-        self.system_metrics = self._start_system_metrics()
+        self.system_metrics = start_system_metrics(run_id, self.uri, node)
         log.info("tracking to %s, run %s", redact(self.uri), run_id)
 
     def _open(self, run_id: str | None) -> str:
@@ -284,24 +292,6 @@ class MlflowTracker(Tracker):
             experiment.experiment_id if experiment else self.client.create_experiment(name)
         )
         return self.client.create_run(experiment_id, run_name=self.settings.run_name).info.run_id
-
-    def _start_system_metrics(self) -> Any:
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            monitor = SystemMetricsMonitor(
-                self._run_id,
-                sampling_interval=float(
-                    os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 10)
-                ),
-                resume_logging=True,
-                tracking_uri=self.uri,
-            )
-            monitor.start()
-            return monitor
-        except Exception as exc:  # optional: never let it stop training
-            log.warning("system metrics are off: %s", exc)
-            return None
 
     # -- records, all sent by the background thread ------------------------------------------
 
@@ -469,25 +459,6 @@ class MlflowTracker(Tracker):
         buffer.seek(0)
         return np.asarray(Image.open(buffer).convert("RGB"))
 
-    def _last_system_metrics(self) -> None:
-        """Stop MLflow's monitor and send one last sample: the monitor publishes only after a
-        full sampling interval, so a run shorter than that would otherwise have none."""
-        from mlflow.entities import Metric
-
-        monitor = self.system_metrics
-        monitor.finish()
-        for part in monitor.monitors:
-            part.clear_metrics()
-        monitor.collect_metrics()
-        now, step = int(time.time() * 1000), getattr(monitor, "_logging_step", 0)
-        metrics = [
-            Metric(f"system/{name}", float(value), now, step)
-            for name, value in monitor.aggregate_metrics().items()
-        ]
-        self.sender.submit(
-            "system metrics", lambda: self.client.log_batch(self._run_id, metrics=metrics)
-        )
-
     def wait_sent(self, timeout: float) -> bool:
         return self.sender.wait_sent(timeout)
 
@@ -495,10 +466,9 @@ class MlflowTracker(Tracker):
         """``status``: FINISHED, FAILED, or RUNNING (preempted: a retry continues the run)."""
         self.finishing.set()
         if self.system_metrics is not None:
-            try:
-                self._last_system_metrics()
-            except Exception as exc:
-                log.warning("system metrics did not stop cleanly: %s", exc)
+            last = last_system_metrics(self.system_metrics)
+            send = functools.partial(self.client.log_batch, self._run_id, metrics=last)
+            self.sender.submit("system metrics", send)
         self.sender.submit("the other epochs' metrics", self._deferred_send())
         if status != "RUNNING":
             self.sender.submit(
@@ -526,13 +496,72 @@ class MlflowTracker(Tracker):
             )
 
 
+class NodeMetrics(Tracker):
+    """The system metrics of a node other than the main rank's (CPU, memory, disk, network, and
+    its GPUs where nvidia-ml-py is installed), sent by the node's first rank into the job's one
+    run as ``system/<node>/...``: a multi-node job shows every node, not only rank 0's."""
+
+    def __init__(self, settings: TrackingConfig, run_id: str, node: str | None) -> None:
+        self.uri, self._run_id = resolve_uri(settings.tracking_uri), run_id
+        self.monitor = start_system_metrics(run_id, self.uri, node)
+
+    def close(self, status: str) -> None:
+        if self.monitor is None:
+            return
+        try:
+            from mlflow import MlflowClient
+
+            last = last_system_metrics(self.monitor)
+            MlflowClient(self.uri).log_batch(self._run_id, metrics=last)
+        except Exception as exc:  # a node's last sample is not worth failing a job
+            log.warning("this node's last system metrics were not sent: %s", _first_line(exc))
+
+
+def start_system_metrics(run_id: str, uri: str, node: str | None) -> Any:
+    """MLflow's system-metrics monitor for this machine, sampling into ``run_id``; None when
+    it cannot start (it is optional: never let it stop training)."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 10))
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True,
+                                       node_id=node, tracking_uri=uri)  # fmt: skip
+        monitor.start()
+        return monitor
+    except Exception as exc:
+        log.warning("system metrics are off: %s", exc)
+        return None
+
+
+def last_system_metrics(monitor: Any) -> list[Any]:
+    """Stop the monitor and take one last sample: it publishes only after a full sampling
+    interval, so a run shorter than that would otherwise have none."""
+    from mlflow.entities import Metric
+
+    monitor.finish()
+    for part in monitor.monitors:
+        part.clear_metrics()
+    monitor.collect_metrics()
+    now, step = int(time.time() * 1000), getattr(monitor, "_logging_step", 0)
+    prefix = f"system/{monitor.node_id}/" if monitor.node_id else "system/"
+    return [Metric(prefix + name, float(value), now, step)
+            for name, value in monitor.aggregate_metrics().items()]  # fmt: skip
+
+
 def make_tracker(
-    settings: TrackingConfig, is_main: bool, run_id: str | None = None, retry_for: float = 0.0
+    settings: TrackingConfig, info: DistInfo, run_id: str | None = None, retry_for: float = 0.0
 ) -> Tracker:
-    """The main rank's MLflow tracker where tracking is on; a null tracker everywhere else.
-    ``retry_for``: seconds an unreachable server is waited for at start."""
-    if settings.tracking and is_main:
-        return MlflowTracker(settings, run_id, retry_for)
+    """What this rank records: the main rank, the job's MLflow run (``run_id``: the one to
+    continue; ``retry_for``: seconds an unreachable server is waited for); another node's first
+    rank, its node's system metrics in the main rank's run ``run_id``; other ranks, nothing."""
+    if not settings.tracking:
+        return Tracker()
+    node = f"node{info.node}" if info.nodes > 1 else None  # labels only where there are several
+    if info.is_main:
+        return MlflowTracker(settings, run_id, retry_for, node)
+    remote = resolve_uri(settings.tracking_uri).startswith(("http://", "https://"))
+    if info.local_rank == 0 and node and remote and run_id is not None:
+        return NodeMetrics(settings, run_id, node)
     return Tracker()
 
 

@@ -136,6 +136,7 @@ class Trainer:
         if make_tracker is not None and not recorded:
             self.tracker = self._start_tracking(make_tracker, resumed)
         if finished and (not self.info.is_main or self.tracker.run_id is None):
+            self.tracker.close("FINISHED")  # another node's system metrics, if any
             log.warning("this job finished (its model is in %s): nothing to train; a larger "
                         "--epochs trains on, --fresh starts over", model.parent)  # fmt: skip
             return TrainResult(self.module, self.data.vocab, self.history, model.parent)
@@ -161,18 +162,19 @@ class Trainer:
         return result
 
     def _start_tracking(self, make_tracker: TrackerFactory, resumed: Resumed | None) -> Tracker:
-        """The main rank's tracker (a null one elsewhere). When it cannot start, every rank
-        raises its error: no rank may go on training while the main rank leaves."""
+        """The main rank's tracker first, then the others' (which record into its run). When
+        it cannot start, every rank raises its error: none may go on training without it."""
         failure, tracker = None, Tracker()
-        try:
-            tracker = make_tracker(resumed.mlflow_run_id if resumed else None)
-        except (UserError, Transient) as exc:
-            failure = (isinstance(exc, Transient), str(exc))
-        failure = from_main(failure, self.info)
+        if self.info.is_main:
+            try:
+                tracker = make_tracker(resumed.mlflow_run_id if resumed else None)
+            except (UserError, Transient) as exc:
+                failure = (isinstance(exc, Transient), str(exc))
+        failure, run_id = from_main((failure, tracker.run_id), self.info)
         if failure is not None:
             outage, message = failure
             raise Transient(message) if outage else UserError(message)
-        return tracker
+        return tracker if self.info.is_main else make_tracker(run_id)
 
     def run_epoch(self, number: int, progress: EpochProgress | None = None) -> EpochStats:
         """Train one epoch (from ``progress`` when resuming one part-way)."""

@@ -33,8 +33,13 @@ from jobs.common import EXIT_TRANSIENT, EXIT_USER_ERROR
 
 def exit_code(error: ChildFailedError) -> int:
     """The launcher's exit code for a failed worker group: the first failed worker's where it
-    was a user error (2) or an outage (203), else 1."""
-    _rank, first = error.get_first_failure()
+    was a user error (2) or an outage (203), else 1. Workers the launcher itself stopped (a
+    signal: it stops the rest once one fails) are not candidates: a rank that waited for that
+    stop may have written its error file before the rank that failed first."""
+    exited = [f for f in error.failures.values() if f.exitcode > 0] or [
+        error.get_first_failure()[1]
+    ]
+    first = min(exited, key=lambda failure: failure.timestamp)
     return first.exitcode if first.exitcode in (EXIT_USER_ERROR, EXIT_TRANSIENT) else 1
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rnnlm import artifacts
+from rnnlm.corpus import sha1_of
 from rnnlm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_NAME_IN_RUN = "model"
 SERVING_FILES = (artifacts.WEIGHTS, artifacts.MODEL_CONFIG, artifacts.VOCAB)
+WEIGHTS_TAG = "rnnlm.weights_sha1"  # which weights a logged model or a version holds
 
 
 def signature():  # -> mlflow.models.ModelSignature
@@ -61,17 +63,19 @@ def log_and_register(
 ) -> int:
     """Log ``model_dir`` as a pyfunc in run ``run_id``, register it as ``name`` and point
     ``alias`` at the new version. Returns the version number. Idempotent: a retry, or the same
-    job run again, finds the model and the version that an earlier try of this run logged or
-    registered, rather than adding another."""
+    job run again, finds the model and the version of these weights that an earlier try of this
+    run logged or registered, rather than adding another (a run that trained on registers anew)."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    mine = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    weights = {WEIGHTS_TAG: sha1_of(Path(model_dir) / artifacts.WEIGHTS)}
+    mine = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+            if v.tags.get(WEIGHTS_TAG) == weights[WEIGHTS_TAG]]  # fmt: skip
     if mine:
         version = min(int(v.version) for v in mine)
         log.info("found version %d of %s, registered by this run", version, name)
     else:
-        version = _register(client, run_id, model_dir, name)
+        version = _register(client, run_id, model_dir, name, weights)
     client.set_registered_model_alias(name, alias, str(version))
     description = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in summary.items())
     client.update_model_version(name, str(version), description=f"Final {description}.")
@@ -79,18 +83,21 @@ def log_and_register(
     return version
 
 
-def _register(client: Any, run_id: str, model_dir: Path, name: str) -> int:
-    """Register this run's logged model, logging it first unless an earlier try did."""
+def _register(client: Any, run_id: str, model_dir: Path, name: str, weights: dict[str, str]) -> int:
+    """Register this run's logged model of these ``weights`` (a tag), logging it first unless
+    an earlier try did."""
     import mlflow
 
     experiment = client.get_run(run_id).info.experiment_id
     logged = client.search_logged_models([experiment], f"source_run_id = '{run_id}'")
-    ready = [m.model_id for m in logged if str(m.status) == "READY"]  # not a half-uploaded one
-    model_id = ready[0] if ready else _log_model(run_id, model_dir)
-    return int(mlflow.register_model(f"models:/{model_id}", name).version)
+    ready = [  # not a half-uploaded one, not one of earlier weights
+        m.model_id for m in logged if str(m.status) == "READY" and m.tags.items() >= weights.items()
+    ]
+    model_id = ready[0] if ready else _log_model(run_id, model_dir, weights)
+    return int(mlflow.register_model(f"models:/{model_id}", name, tags=weights).version)
 
 
-def _log_model(run_id: str, model_dir: Path) -> str:
+def _log_model(run_id: str, model_dir: Path, tags: dict[str, str]) -> str:
     """Log the model directory as a pyfunc in the run; its logged model's id."""
     import mlflow
     import pandas as pd
@@ -113,6 +120,7 @@ def _log_model(run_id: str, model_dir: Path) -> str:
                 signature=signature(),
                 input_example=(pd.DataFrame({"prefix": ["time traveller"]}), {"num_chars": 20}),
                 pip_requirements=requirements(),
+                tags=tags,
             )
     return str(info.model_id)
 

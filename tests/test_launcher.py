@@ -88,3 +88,19 @@ def test_sigterm_exits_143(corpus_path: Path, tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_worker_the_launcher_stopped_is_not_the_root_cause(tmp_path: Path) -> None:
+    """As CI once saw it: rank 1 waited for the launcher's stop after writing its error file,
+    so its (SIGTERM) failure is timestamped before rank 0's exit 203. The code is rank 0's."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from jobs.torchrun import exit_code
+
+    stopped = ProcessFailure(1, 11, -15, str(tmp_path / "no-error-file-1"))
+    failed = ProcessFailure(0, 10, 203, str(tmp_path / "no-error-file-0"))
+    stopped.timestamp, failed.timestamp = 100, 101
+    assert exit_code(ChildFailedError("jobs.train", {0: failed, 1: stopped})) == 203
+    crashed = ProcessFailure(0, 10, 1, str(tmp_path / "no-error-file-2"))
+    crashed.timestamp = 101
+    assert exit_code(ChildFailedError("jobs.train", {0: crashed, 1: stopped})) == 1

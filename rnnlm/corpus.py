@@ -14,13 +14,12 @@ import logging
 import os
 import re
 import tempfile
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import requests
 
-from rnnlm.errors import FlagError, Transient, backoff, redact
+from rnnlm.errors import FlagError, Outage, redact
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ def fetch(
         with contextlib.suppress(requests.RequestException):
             _fetch_verified("https://" + source.removeprefix("http://"), sha1, target, max_bytes)
             return target
-    tries = backoff(retry_for)
+    outage = Outage(retry_for, log)
     while True:
         try:
             _fetch_verified(source, sha1, target, max_bytes)
@@ -94,17 +93,12 @@ def fetch(
         if cached:
             log.warning("cannot revalidate %s (%s); using the cached copy", redact(source), error)
             return target
-        wait = next(tries, None)
-        if wait is None:
-            raise Transient(
-                f"--corpus: cannot download {redact(source)} ({_reason(error)}) for "
-                f"{retry_for:.0f} s (--outage-timeout). On a machine without internet, pass a "
-                "local copy: --corpus /path/to/timemachine.txt"
-            )
-        if wait == 1.0:  # the first retry: say it once
-            log.warning("cannot download %s (%s); retrying for up to %.0f s (--outage-timeout)",
-                        redact(source), _reason(error), retry_for)  # fmt: skip
-        time.sleep(wait)
+        outage.wait(
+            f"cannot download {redact(source)} ({_reason(error)})",
+            f"--corpus: cannot download {redact(source)} ({_reason(error)}) for "
+            f"{retry_for:.0f} s (--outage-timeout). On a machine without internet, pass a "
+            "local copy: --corpus /path/to/timemachine.txt",
+        )
 
 
 def _reason(error: requests.RequestException) -> str:

@@ -1,9 +1,9 @@
 """Errors a user can fix (the CLI prints them as one line and exits non-zero), outages that
 outlasted their retries, and :func:`redact` for every message or record that may quote a URL."""
 
+import logging
 import re
 import time
-from collections.abc import Iterator
 
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 
@@ -40,10 +40,23 @@ class Transient(Exception):
     ``--outage-timeout``: the same command may succeed later, so the launcher should retry it."""
 
 
-def backoff(seconds: float, first: float = 1.0, most: float = 15.0) -> Iterator[float]:
-    """The waits between tries (1, 2, 4 ... ``most`` s) for as long as the next one would end
-    within ``seconds`` of the first call; the caller sleeps them."""
-    deadline, wait = time.monotonic() + seconds, first
-    while time.monotonic() + wait <= deadline:
-        yield wait
-        wait = min(wait * 2, most)
+class Outage:
+    """One outage, waited out with backoff (1, 2, 4 ... 15 s) for at most ``seconds``: call
+    :meth:`wait` after each failed try."""
+
+    def __init__(self, seconds: float, log: logging.Logger) -> None:
+        self.seconds, self.log = seconds, log
+        self.deadline = time.monotonic() + seconds
+        self.next_wait, self.said = 1.0, False
+
+    def wait(self, failure: str, gave_up: str) -> None:
+        """Sleep before the next try, saying ``failure`` once; raise :class:`Transient` with
+        ``gave_up`` when the next try would start past the deadline."""
+        if time.monotonic() + self.next_wait > self.deadline:
+            raise Transient(gave_up)
+        if not self.said:
+            self.log.warning("%s; retrying for up to %.0f s (--outage-timeout)",
+                             failure, self.seconds)  # fmt: skip
+            self.said = True
+        time.sleep(self.next_wait)
+        self.next_wait = min(self.next_wait * 2, 15.0)

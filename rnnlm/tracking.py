@@ -33,7 +33,7 @@ import requests
 from rnnlm import __version__
 from rnnlm.config import TrackingConfig
 from rnnlm.distributed import DistInfo
-from rnnlm.errors import Transient, UserError, backoff, redact
+from rnnlm.errors import Outage, Transient, UserError, redact
 from rnnlm.records import EpochStats, History
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def check_server(uri: str, retry_for: float) -> None:
         return
     from mlflow import MlflowClient
 
-    tries, where = backoff(retry_for), redact(uri)
+    outage, where = Outage(retry_for, log), redact(uri)
     while True:
         try:
             MlflowClient(uri).search_experiments(max_results=1)
@@ -96,17 +96,12 @@ def check_server(uri: str, retry_for: float) -> None:
             )
         if status is not None:
             raise UserError(f"--tracking-uri: {where} answered HTTP {status}; is it MLflow?")
-        wait = next(tries, None)
-        if wait is None:
-            raise Transient(
-                f"--tracking-uri: cannot reach the MLflow tracking server at {where} for "
-                f"{retry_for:.0f} s (--outage-timeout; {_first_line(error)}); start it, fix "
-                "--tracking-uri / MLFLOW_TRACKING_URI, or pass --no-tracking."
-            )
-        if wait == 1.0:  # the first retry: say it once
-            log.warning("MLflow at %s is not answering (%s); retrying for up to %.0f s "
-                        "(--outage-timeout)", where, _first_line(error), retry_for)  # fmt: skip
-        time.sleep(wait)
+        outage.wait(
+            f"MLflow at {where} is not answering ({_first_line(error)})",
+            f"--tracking-uri: cannot reach the MLflow tracking server at {where} for "
+            f"{retry_for:.0f} s (--outage-timeout; {_first_line(error)}); start it, fix "
+            "--tracking-uri / MLFLOW_TRACKING_URI, or pass --no-tracking.",
+        )
 
 
 def refusal(exc: BaseException) -> int | None:

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import requests
 
-from rnnlm.errors import FlagError, Outage, redact
+from rnnlm.errors import FlagError, Outage, is_refusal, redact
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def fetch(
     retry_for: float = 0.0,
 ) -> Path:
     """Return a local, verified path for ``source`` (a URL or a file path). A download that
-    fails for want of the server (no connection, a timeout, HTTP 408/429/5xx) is retried with
+    fails for want of the server (no connection, a timeout, HTTP 408/409/429/5xx) is retried with
     backoff for ``retry_for`` seconds, then raises :class:`~rnnlm.errors.Transient`."""
     if not is_url(source):
         path = Path(source.removeprefix("file://")).expanduser()
@@ -88,7 +88,7 @@ def fetch(
         except requests.RequestException as exc:
             error = exc
         status = error.response.status_code if error.response is not None else None
-        if status is not None and status < 500 and status not in (408, 429):
+        if status is not None and is_refusal(status):
             raise FlagError("--corpus", f"{redact(source)} answered HTTP {status}; check the URL.")
         if cached:
             log.warning("cannot revalidate %s (%s); using the cached copy", redact(source), error)

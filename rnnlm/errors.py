@@ -40,6 +40,12 @@ class Transient(Exception):
     ``--outage-timeout``: the same command may succeed later, so the launcher should retry it."""
 
 
+def is_refusal(http_status: int) -> bool:
+    """A 4xx that the same request would get again (bad input, a missing permission), unlike
+    408, 409 and 429 (the server's timing) or a 5xx (an outage): never worth a retry."""
+    return 400 <= http_status < 500 and http_status not in (408, 409, 429)
+
+
 class Outage:
     """One outage, waited out with backoff (1, 2, 4 ... 15 s) for at most ``seconds``: call
     :meth:`wait` after each failed try."""

@@ -33,7 +33,7 @@ import requests
 from rnnlm import __version__
 from rnnlm.config import TrackingConfig
 from rnnlm.distributed import DistInfo
-from rnnlm.errors import Outage, Transient, UserError, redact
+from rnnlm.errors import Outage, Transient, UserError, is_refusal, redact
 from rnnlm.records import EpochStats, History
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def refusal(exc: BaseException) -> int | None:
         status = exc.response.status_code  # artifact uploads
     else:
         return None
-    return status if 400 <= status < 500 and status not in (408, 409, 429) else None
+    return status if is_refusal(status) else None
 
 
 def _who() -> str:
@@ -503,10 +503,10 @@ class NodeMetrics(Tracker):
     def close(self, status: str) -> None:
         if self.monitor is None:
             return
+        last = last_system_metrics(self.monitor)
         try:
             from mlflow import MlflowClient
 
-            last = last_system_metrics(self.monitor)
             MlflowClient(self.uri).log_batch(self._run_id, metrics=last)
         except Exception as exc:  # a node's last sample is not worth failing a job
             log.warning("this node's last system metrics were not sent: %s", _first_line(exc))
@@ -530,13 +530,17 @@ def start_system_metrics(run_id: str, uri: str, node: str | None) -> Any:
 
 def last_system_metrics(monitor: Any) -> list[Any]:
     """Stop the monitor and take one last sample: it publishes only after a full sampling
-    interval, so a run shorter than that would otherwise have none."""
+    interval, so a run shorter than that would otherwise have none. Nothing if it fails."""
     from mlflow.entities import Metric
 
-    monitor.finish()
-    for part in monitor.monitors:
-        part.clear_metrics()
-    monitor.collect_metrics()
+    try:
+        monitor.finish()
+        for part in monitor.monitors:
+            part.clear_metrics()
+        monitor.collect_metrics()
+    except Exception as exc:  # optional, as the monitor is
+        log.warning("system metrics did not stop cleanly: %s", exc)
+        return []
     now, step = int(time.time() * 1000), getattr(monitor, "_logging_step", 0)
     prefix = f"system/{monitor.node_id}/" if monitor.node_id else "system/"
     return [Metric(prefix + name, float(value), now, step)

@@ -47,7 +47,7 @@ from benchmarks import chapter_loop  # noqa: E402
 from rnnlm.batching import epoch_batches  # noqa: E402
 from rnnlm.config import ModelConfig  # noqa: E402
 from rnnlm.distributed import DistInfo  # noqa: E402
-from rnnlm.loop import Epoch, train_epoch  # noqa: E402
+from rnnlm.loop import Epoch, in_order, train_epoch  # noqa: E402
 from rnnlm.model import RNNLM  # noqa: E402
 from rnnlm.records import State  # noqa: E402
 from rnnlm.steps import EagerStep, GraphedStep, Step  # noqa: E402
@@ -148,7 +148,7 @@ class Trainer:
             return ppl, int(tokens)
         batches = epoch_batches(self.corpus, BATCH, STEPS, "sequential", self.rng)
         step = self.step if step_losses is None else RecordingStep(self.step)
-        epoch = Epoch(self.epoch, batches, reset_state_every_batch=False)
+        epoch = Epoch(self.epoch, in_order(batches))
         stats = train_epoch(step, epoch, DistInfo(device=self.device))
         if isinstance(step, RecordingStep) and step_losses is not None:
             step_losses.extend(float(v) for v in step.losses)

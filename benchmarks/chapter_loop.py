@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,6 +30,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from rnnlm.vocab import Vocab
+
+
+def chapter_tokens(path: Path) -> list[str]:
+    """The chapter's ``read_time_machine`` and character ``tokenize``: per line, runs of
+    non-letters become one space, strip, lowercase; the lines' characters, one list."""
+    with open(path) as f:
+        lines = [re.sub("[^A-Za-z]+", " ", line).strip().lower() for line in f.readlines()]
+    return [ch for line in lines for ch in line]
 
 
 class RNNModel(nn.Module):
@@ -178,8 +187,6 @@ def train_ch8(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from rnnlm.corpus import load_tokens  # the job's d2l preprocessing of the corpus
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", required=True, help="local path of timemachine.txt")
     parser.add_argument("--epochs", type=int, default=500)
@@ -187,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="JSON file for the per-epoch figures")
     args = parser.parse_args(argv)
-    tokens = load_tokens(Path(args.corpus), "d2l")
+    tokens = chapter_tokens(Path(args.corpus))
     vocab = Vocab.build(tokens)
     corpus = vocab.encode(tokens)[: args.max_tokens]
     device = torch.device("cpu")

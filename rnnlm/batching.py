@@ -13,6 +13,9 @@ Shapes: ``X``, ``Y``: ``(B/W, T)`` token ids, ``Y`` is ``X`` shifted one token t
 from __future__ import annotations
 
 import random
+from array import array
+from collections.abc import Sequence
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -44,15 +47,9 @@ def rows_of_rank(rank: int, world_size: int, batch_size: int) -> slice:
     return slice(rank * per_rank, (rank + 1) * per_rank)
 
 
-def sequential_batches(
-    corpus: Tensor,
-    batch_size: int,
-    num_steps: int,
-    rng: random.Random,
-    rank: int = 0,
-    world_size: int = 1,
-) -> list[Minibatch]:
-    """One epoch of sequential minibatches for ``rank`` (d2l ``seq_data_iter_sequential``).
+class SequentialBatches(Sequence[Minibatch]):
+    """One epoch of sequential minibatches for ``rank`` (d2l ``seq_data_iter_sequential``),
+    made on demand as views of the corpus (no copy, nothing per minibatch kept).
 
     ``corpus`` is batched as ``B`` contiguous rows (the global layout)::
 
@@ -60,40 +57,64 @@ def sequential_batches(
         row 1: tL   tL+1 ...      |   T columns |   T columns |
         ...                       (rank r keeps rows r*B/W .. (r+1)*B/W - 1)
     """
-    offset = rng.randint(0, num_steps)  # inclusive, as random.randint in d2l
-    num_tokens = ((len(corpus) - offset - 1) // batch_size) * batch_size
-    xs = corpus[offset : offset + num_tokens].reshape(batch_size, -1)
-    ys = corpus[offset + 1 : offset + 1 + num_tokens].reshape(batch_size, -1)
-    rows = rows_of_rank(rank, world_size, batch_size)
-    xs, ys = xs[rows], ys[rows]
-    num_batches = xs.shape[1] // num_steps
-    return [
-        (xs[:, i * num_steps : (i + 1) * num_steps], ys[:, i * num_steps : (i + 1) * num_steps])
-        for i in range(num_batches)
-    ]
+
+    def __init__(self, corpus: Tensor, batch_size: int, num_steps: int, rng: random.Random,
+                 rank: int = 0, world_size: int = 1) -> None:  # fmt: skip
+        offset = rng.randint(0, num_steps)  # inclusive, as random.randint in d2l
+        num_tokens = ((len(corpus) - offset - 1) // batch_size) * batch_size
+        rows = rows_of_rank(rank, world_size, batch_size)
+        self.xs = corpus[offset : offset + num_tokens].reshape(batch_size, -1)[rows]
+        self.ys = corpus[offset + 1 : offset + 1 + num_tokens].reshape(batch_size, -1)[rows]
+        self.num_steps = num_steps
+
+    def __len__(self) -> int:
+        return self.xs.shape[1] // self.num_steps
+
+    @overload
+    def __getitem__(self, i: int) -> Minibatch: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Minibatch]: ...
+    def __getitem__(self, i: int | slice) -> Minibatch | Sequence[Minibatch]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        columns = slice(i * self.num_steps, (i + 1) * self.num_steps)
+        return self.xs[:, columns], self.ys[:, columns]
 
 
-def random_batches(
-    corpus: Tensor,
-    batch_size: int,
-    num_steps: int,
-    rng: random.Random,
-    rank: int = 0,
-    world_size: int = 1,
-) -> list[Minibatch]:
-    """One epoch of randomly sampled minibatches for ``rank`` (d2l ``seq_data_iter_random``)."""
-    corpus = corpus[rng.randint(0, num_steps - 1) :]
-    num_subseqs = (len(corpus) - 1) // num_steps
-    starts = list(range(0, num_subseqs * num_steps, num_steps))
-    rng.shuffle(starts)
-    num_batches = num_subseqs // batch_size
-    rows = rows_of_rank(rank, world_size, batch_size)
-    batches = []
-    for i in range(num_batches):
-        mine = torch.tensor(starts[i * batch_size : (i + 1) * batch_size][rows])
-        window = mine[:, None] + torch.arange(num_steps)  # (B/W, T) corpus positions
-        batches.append((corpus[window], corpus[window + 1]))
-    return batches
+class RandomBatches(Sequence[Minibatch]):
+    """One epoch of randomly sampled minibatches for ``rank`` (d2l ``seq_data_iter_random``),
+    made on demand. The shuffled window starts are the one thing that grows with the corpus:
+    four bytes per window (``num_steps`` tokens), shuffled exactly as d2l's list would be."""
+
+    def __init__(self, corpus: Tensor, batch_size: int, num_steps: int, rng: random.Random,
+                 rank: int = 0, world_size: int = 1) -> None:  # fmt: skip
+        first = rng.randint(0, num_steps - 1)
+        self.corpus = corpus[first:]
+        num_subseqs = (len(self.corpus) - 1) // num_steps
+        wide = num_subseqs * num_steps > 2**31  # "i" holds starts up to 2**31
+        self.starts = array("q" if wide else "i", range(0, num_subseqs * num_steps, num_steps))
+        rng.shuffle(self.starts)  # exactly as d2l's list: any mutable sequence will do
+        self.batch_size, self.num_steps = batch_size, num_steps
+        self.rows = rows_of_rank(rank, world_size, batch_size)
+
+    def __len__(self) -> int:
+        return len(self.starts) // self.batch_size
+
+    @overload
+    def __getitem__(self, i: int) -> Minibatch: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Minibatch]: ...
+    def __getitem__(self, i: int | slice) -> Minibatch | Sequence[Minibatch]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        batch = self.starts[i * self.batch_size : (i + 1) * self.batch_size]
+        mine = torch.tensor(batch[self.rows], dtype=torch.long)
+        window = mine[:, None] + torch.arange(self.num_steps)  # (B/W, T) corpus positions
+        return self.corpus[window], self.corpus[window + 1]
 
 
 def epoch_batches(
@@ -104,6 +125,6 @@ def epoch_batches(
     rng: random.Random,
     rank: int = 0,
     world_size: int = 1,
-) -> list[Minibatch]:
-    make = sequential_batches if sampling == "sequential" else random_batches
+) -> Sequence[Minibatch]:
+    make = SequentialBatches if sampling == "sequential" else RandomBatches
     return make(corpus, batch_size, num_steps, rng, rank, world_size)

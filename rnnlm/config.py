@@ -168,11 +168,27 @@ class TrainingConfig(Section):
     lr: float = setting(1.0, "SGD learning rate.")
     clip: float = setting(1.0, "Gradient clipping: max global L2 norm.")
     epochs: int = setting(500, "Passes over the training text.")
+    max_steps: int = setting(
+        0,
+        "Train this many minibatches in all, over as many passes as that takes, instead of "
+        "--epochs (0: --epochs decides); for corpora where one pass takes hours. Reports come "
+        "every --eval-every steps then.",
+    )
+    eval_every: int = setting(
+        500,
+        "With --max-steps: steps between reports (training and validation figures, then "
+        "--sample-every and --checkpoint-every count reports).",
+    )
     seed: int = setting(0, "Seeds the weights and the (shared) minibatch layout.")
 
     def check(self, world_size: int) -> None:
         super().check(world_size)
         _positive("--epochs", self.epochs)
+        _positive("--eval-every", self.eval_every)
+        if self.max_steps < 0:
+            raise FlagError(
+                "--max-steps", f"got {self.max_steps}; pass 0 (train --epochs) or more."
+            )
         if not self.lr > 0:
             raise FlagError("--lr", f"got {self.lr}; the learning rate must be > 0, e.g. --lr 1.")
         if not self.clip > 0:
@@ -247,7 +263,9 @@ class CheckpointConfig(Section):
         envvar="RNNLM_CHECKPOINT_DIR",
     )
     checkpoint_every: int = setting(
-        1, "Checkpoint every N epochs (or steps, see --checkpoint-unit); SIGTERM always does."
+        1,
+        "Checkpoint every N epochs (with --max-steps: reports; or steps, see "
+        "--checkpoint-unit); SIGTERM always does.",
     )
     checkpoint_unit: str = setting(
         "epoch", "What --checkpoint-every counts.", choices=("epoch", "step")
@@ -272,7 +290,9 @@ class OutputConfig(Section):
         "Where the final model (weights, config, vocabulary) is written.",
         envvar="RNNLM_OUTPUT_DIR",
     )
-    sample_every: int = setting(10, "Print a greedy sample every N epochs.")
+    sample_every: int = setting(
+        10, "Print a greedy sample every N epochs (with --max-steps: every N reports)."
+    )
     # Periodic samples start from the first prefix; the final samples from all of them.
     sample_prefixes: tuple[str, ...] = setting(
         ("time traveller", "traveller"),
@@ -280,7 +300,9 @@ class OutputConfig(Section):
         flag="--sample-prefix",
     )
     num_sample_chars: int = setting(50, "Characters generated per sample.")
-    log_every: int = setting(10, "Log a line every N epochs (when no progress bar is shown).")
+    log_every: int = setting(
+        10, "Log a line every N epochs or reports (when no progress bar is shown)."
+    )
 
     def check(self, world_size: int) -> None:
         super().check(world_size)

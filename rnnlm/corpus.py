@@ -2,7 +2,8 @@
 
 A download is streamed into a temporary file beside its final name and renamed only after its
 sha1 matches, so the cache never holds a partial or wrong file; a cached file is verified again
-on every use.
+on every use (by its identity, see :func:`sha1_remembered`). Tokenising is
+:mod:`rnnlm.prepared`'s.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 16
 TIMEOUT_S = 30.0  # to connect, and between two reads of a download
-_NON_LETTERS = re.compile(r"[^A-Za-z]+")
 
 
 def is_url(source: str) -> bool:
@@ -45,6 +44,27 @@ def sha1_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sha1_remembered(path: Path, cache_dir: Path) -> str:
+    """``sha1_of(path)``, remembered in the cache by the file's identity (device, inode, size,
+    modification time, as git's index does), so that a job's start does not read a large corpus
+    again; a file changed in place gets a new modification time and is hashed anew."""
+    stat = path.stat()
+    identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns]
+    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:20]
+    memo = cache_dir / "sha1" / f"{name}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        known = json.loads(memo.read_text())
+        if known["identity"] == identity:
+            return str(known["sha1"])
+    digest = sha1_of(path)
+    with contextlib.suppress(OSError):  # a read-only cache only costs the hashing
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        part = memo.with_name(f".{memo.name}.{os.getpid()}")
+        part.write_text(json.dumps({"identity": identity, "sha1": digest}))
+        os.replace(part, memo)
+    return digest
+
+
 def fetch(
     source: str,
     sha1: str | None,
@@ -59,18 +79,17 @@ def fetch(
         path = Path(source.removeprefix("file://")).expanduser()
         if not path.is_file():
             raise FlagError("--corpus", f"no such file: {path}; pass a text file or a URL.")
-        if sha1 and sha1_of(path) != sha1:
+        if sha1 and (actual := sha1_remembered(path, cache_dir)) != sha1:
             raise FlagError(
                 "--corpus-sha1",
-                f"{path} has sha1 {sha1_of(path)}, expected {sha1}; "
-                "pass the right file or checksum.",
+                f"{path} has sha1 {actual}, expected {sha1}; pass the right file or checksum.",
             )
         return path
 
     name = Path(urlparse(source).path).name or "corpus.txt"
     key = sha1[:10] if sha1 else hashlib.sha256(source.encode()).hexdigest()[:16]  # whole URL
     target = cache_dir / f"{key}-{name}"
-    cached = target.is_file() and (sha1 is None or sha1_of(target) == sha1)
+    cached = target.is_file() and (sha1 is None or sha1_remembered(target, cache_dir) == sha1)
     if cached and sha1:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -145,30 +164,3 @@ def _fetch_verified(url: str, sha1: str | None, target: Path, max_bytes: int) ->
             validators.write_text(json.dumps(headers))
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def tokenize(text: str, preprocess: str) -> list[str]:
-    """Character tokens of ``text``.
-
-    ``d2l``: per line, every run of non-letters becomes one space, then strip and lowercase;
-    lines are joined with no separator (exactly as the chapter, whose ``readlines`` splits at
-    newlines only). ``raw``: every character.
-    """
-    if preprocess == "raw":
-        return list(text)
-    lines = (_NON_LETTERS.sub(" ", line).strip().lower() for line in text.split("\n"))
-    return [ch for line in lines for ch in line]
-
-
-def load_tokens(path: Path, preprocess: str) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise FlagError("--corpus", f"{path} is not UTF-8 text ({exc.reason}).") from exc
-    tokens = tokenize(text, preprocess)
-    if not tokens:
-        hint = " (letters only); try --preprocess raw" if preprocess == "d2l" else ""
-        raise FlagError(
-            "--corpus", f"{path} holds no tokens after {preprocess} preprocessing{hint}."
-        )
-    return tokens

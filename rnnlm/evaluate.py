@@ -41,7 +41,7 @@ def evaluate(module: RNNLM, batches: list[Minibatch], info: DistInfo) -> float:
     totals = torch.zeros(2, dtype=torch.float64, device=info.device)
     state: State | None = None
     for x, y in batches:
-        x, y = x.to(info.device), y.to(info.device)
+        x, y = x.to(info.device).long(), y.to(info.device).long()
         if state is None:
             state = module.begin_state(x.shape[0], info.device)
         logits, state = module(x, state)

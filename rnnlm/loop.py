@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,12 +23,18 @@ from rnnlm.steps import Step
 
 @dataclass
 class Epoch:
-    """One epoch's work for this rank."""
+    """One report's work for this rank: a pass over the text, or (``--max-steps``) a number of
+    minibatches of the stream of passes."""
 
-    number: int
-    batches: Sequence[Minibatch]  # this rank's rows of every minibatch
-    reset_state_every_batch: bool  # random sampling: windows are unrelated, no state carried
-    progress: EpochProgress | None = None  # a resumed epoch: where it stopped
+    number: int  # what the report is called: the epoch, or the global step at its end
+    batches: Iterable[tuple[bool, Minibatch]]  # (start from a fresh state?, this rank's rows)
+    progress: EpochProgress | None = None  # a resumed one: where it stopped
+
+
+def in_order(batches: Iterable[Minibatch]) -> Iterator[tuple[bool, Minibatch]]:
+    """One pass of sequential minibatches: a fresh state first, then the state carried."""
+    for i, batch in enumerate(batches):
+        yield i == 0, batch
 
 
 def train_epoch(
@@ -37,17 +43,18 @@ def train_epoch(
     info: DistInfo,
     after_step: Callable[[EpochProgress], None] | None = None,
 ) -> EpochStats:
-    """Train over ``epoch``'s batches (skipping the ones its progress has done);
-    ``after_step`` sees the progress after every minibatch (checkpoints, preemption)."""
+    """Train over ``epoch``'s batches (after what its progress has done); ``after_step`` sees
+    the progress after every minibatch (checkpoints, preemption)."""
     device = info.device
     progress = epoch.progress or EpochProgress.start(device)
     tokens_before = progress.num_tokens
     started_at = time.time()
     start = time.perf_counter()
-    for x, y in epoch.batches[progress.step :]:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    for fresh, (x, y) in epoch.batches:
+        # Compact ids (one byte each, usually) cross to the device, then widen there.
+        x, y = x.to(device, non_blocking=True).long(), y.to(device, non_blocking=True).long()
         state = progress.state
-        if state is None or epoch.reset_state_every_batch:
+        if state is None or fresh:
             state = step.module.begin_state(x.shape[0], device)
         else:
             # Truncated BPTT: keep the values of the carried state (row b continues the same

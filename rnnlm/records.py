@@ -1,5 +1,5 @@
 """The records the job's parts hand one another: an epoch's figures, an epoch in flight, the
-history of a run, the recurrent state.
+position in the stream of minibatches, the history of a run, the recurrent state.
 
 They live apart from the code that produces them, so that reporting and checkpointing never
 import the training loop.
@@ -8,6 +8,7 @@ import the training loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -75,6 +76,19 @@ class EpochProgress:
         bad = int(self.bad_step.item())
         if bad >= 0:
             raise NonFiniteLoss(epoch, bad)
+
+
+@dataclass
+class Cursor:
+    """Where a job is in its stream of minibatches: pass ``number`` over the text, whose layout
+    the shared generator drew from ``rng_state``, ``done`` minibatches into it."""
+
+    number: int = 1
+    done: int = 0
+    rng_state: Any = None
+
+    def next_pass(self, rng_state: Any) -> None:
+        self.number, self.done, self.rng_state = self.number + 1, 0, rng_state
 
 
 @dataclass

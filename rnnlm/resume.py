@@ -31,7 +31,7 @@ from rnnlm.batching import rows_of_rank
 from rnnlm.config import TrainConfig
 from rnnlm.distributed import DistInfo, StopVote
 from rnnlm.errors import FlagError
-from rnnlm.records import EpochProgress, EpochStats, History, State
+from rnnlm.records import Cursor, EpochProgress, EpochStats, History, State
 from rnnlm.steps import Step
 from rnnlm.vocab import Vocab
 
@@ -77,9 +77,11 @@ class Resumed:
     """Where a restored job continues, and the MLflow run it continues."""
 
     path: Path
-    epoch: int  # the epoch to continue
+    epoch: int  # the epoch to continue (with --max-steps: see ``global_step``)
     progress: EpochProgress | None  # position inside it (None: at its start)
     mlflow_run_id: str | None
+    cursor: Cursor  # where in the stream of minibatches
+    global_step: int  # minibatches trained in all
 
 
 def _state_tensors(state: State | None) -> list[torch.Tensor] | None:
@@ -112,7 +114,7 @@ class Checkpointer:
 
     # -- policy -------------------------------------------------------------------------------
 
-    def after_step(self, epoch: int, epoch_rng: Any, progress: EpochProgress) -> None:
+    def after_step(self, epoch: int, cursor: Cursor, progress: EpochProgress) -> None:
         self.global_step += 1
         stopping = self.vote.decide(self.info.is_distributed)
         due = (
@@ -121,23 +123,27 @@ class Checkpointer:
         )
         if stopping:
             try:
-                self.save(epoch, epoch_rng, progress)
+                self.save(epoch, cursor, progress)
             except checkpoint.NotWritten as exc:  # still exit 143: the retry takes an older one
                 log.error("%s", exc)
             raise Preempted(f"stopped by a signal at epoch {epoch}")
         if due:
-            self.save(epoch, epoch_rng, progress)
+            self.save(epoch, cursor, progress)
 
-    def after_epoch(self, epoch: int, next_epoch_rng: Any) -> None:
+    def after_report(
+        self, index: int, last: bool, resume_at: int, cursor: Cursor, carried: EpochProgress
+    ) -> None:
+        """After report ``index`` (an epoch, or --eval-every steps); ``carried``: the state the
+        next one starts from, no sums yet."""
         due = self.settings.checkpoint_unit == "epoch" and (
-            epoch % self.settings.checkpoint_every == 0 or epoch == self.config.training.epochs
+            index % self.settings.checkpoint_every == 0 or last
         )
         if due:
-            self.save(epoch + 1, next_epoch_rng, None)
+            self.save(resume_at, cursor, carried)
 
     # -- writing ------------------------------------------------------------------------------
 
-    def save(self, epoch: int, epoch_rng: Any, progress: EpochProgress | None) -> None:
+    def save(self, epoch: int, cursor: Cursor, progress: EpochProgress | None) -> None:
         """Collective: every rank must call it at the same point."""
         if self.directory is None:
             return
@@ -167,7 +173,8 @@ class Checkpointer:
             "global_step": self.global_step,
             "epoch": epoch,
             "step": progress.step if progress else 0,
-            "data_rng": epoch_rng,
+            "cursor": dataclasses.asdict(cursor),
+            "unit": self._unit(),
             "model": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "ranks": [{k: v for k, v in r.items() if k != "state"} for r in ranks],
@@ -205,6 +212,10 @@ class Checkpointer:
                     log.warning("--fresh: removed %d checkpoint(s) in %s", removed, self.directory)
             if newest is not None:
                 path, payload = newest
+                if payload.get("unit", "epoch") != self._unit():
+                    raise FlagError("--max-steps", f"{path} counts {payload.get('unit', 'epoch')}s "
+                                    f"and this job {self._unit()}s; run it as it was started "
+                                    "(with or without --max-steps), or pass --fresh.")  # fmt: skip
                 flat = self.config.to_flat()
                 job = {k: flat[k] for k in checkpoint.SAME_ON_RESUME}
                 job |= self.module.config.to_dict()
@@ -214,6 +225,9 @@ class Checkpointer:
         if self.info.is_distributed:
             dist.broadcast_object_list(found, src=0)
         return found[0]
+
+    def _unit(self) -> str:
+        return "step" if self.config.training.max_steps else "epoch"
 
     def _newest(self) -> tuple[Path, dict[str, Any]] | None:
         try:
@@ -229,14 +243,16 @@ class Checkpointer:
         self.optimizer.load_state_dict(payload["optimizer"])
         for group in self.optimizer.param_groups:  # the flags of this run win over the file's
             group["lr"] = self.config.training.lr
-        data_rng.setstate(payload["data_rng"])
+        cursor = Cursor(**payload["cursor"]) if "cursor" in payload else Cursor(
+            payload["epoch"], payload["step"], payload["data_rng"])  # fmt: skip
+        data_rng.setstate(cursor.rng_state)
         same_layout = payload["world_size"] == self.info.world_size
         rank_part = payload["ranks"][self.info.rank if same_layout else 0]
         torch.set_rng_state(rank_part["torch_rng"])
         if rank_part["cuda_rng"] is not None and self.info.device.type == "cuda":
             torch.cuda.set_rng_state(rank_part["cuda_rng"])
         progress = None
-        if payload["step"] > 0:
+        if payload["step"] > 0 or payload["hidden"] is not None:
             device = self.info.device
             progress = EpochProgress.start(device)
             progress.step = payload["step"]
@@ -267,4 +283,6 @@ class Checkpointer:
             epoch=payload["epoch"],
             progress=progress,
             mlflow_run_id=self.mlflow_run_id,
+            cursor=cursor,
+            global_step=self.global_step,
         )

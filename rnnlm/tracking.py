@@ -18,6 +18,7 @@ import functools
 import io
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -342,6 +343,7 @@ class MlflowTracker(Tracker):
         by_rank = stats.tokens_per_s_by_rank if len(stats.tokens_per_s_by_rank) > 1 else ()
         values = {
             "train_perplexity": stats.perplexity,
+            "train_bpc": math.log2(stats.perplexity),  # bits per character
             "tokens_per_s": stats.tokens_per_s,
             "grad_norm": stats.grad_norm,
             **{f"rank{r}_tokens_per_s": rate for r, rate in enumerate(by_rank)},

@@ -11,16 +11,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import random
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from rnnlm import artifacts, checkpoint
-from rnnlm.batching import check_corpus_length, epoch_batches
+from rnnlm.batching import Minibatch, check_corpus_length, epoch_batches
 from rnnlm.config import TrainConfig
 from rnnlm.dataset import Dataset, load_dataset
 from rnnlm.distributed import DistInfo, StopVote, from_main, wrap_model
@@ -30,7 +32,7 @@ from rnnlm.generate import generate
 from rnnlm.loop import Epoch, train_epoch
 from rnnlm.model import RNNLM
 from rnnlm.progress import Progress
-from rnnlm.records import EpochProgress, EpochStats, History
+from rnnlm.records import Cursor, EpochProgress, EpochStats, History
 from rnnlm.resume import Checkpointer, Preempted, Resumed
 from rnnlm.steps import TrainSpec, make_step
 from rnnlm.tracking import Tracker, standard_tags
@@ -113,13 +115,18 @@ class Trainer:
         self.history = History()
         self.checkpointer = Checkpointer(config, info, self.step, data.vocab, self.history,
                                          self.vote)  # fmt: skip
-        self.train_ids = data.train_ids.to(info.device)  # minibatches are views: no copy
+        # The stream of minibatches: a pass over the text after another, each laid out anew.
+        self.cursor, self.batches = Cursor(), cast(Sequence[Minibatch] | None, None)
+        self.carried = EpochProgress.start(info.device)  # the state one report leaves the next
+        training = config.training
+        self.step_mode = training.max_steps > 0
+        self.last = training.max_steps if self.step_mode else training.epochs  # the last report
         self.val_batches = []
         if len(data.val_ids):
             rows = (config.data.batch_size, config.data.num_steps, info.rank, info.world_size)
             self.val_batches = validation_batches(data.val_ids, *rows)
         self.tracker = Tracker()  # records nothing unless fit() is given a factory
-        self.progress = Progress(config.training.epochs, config.output.log_every, False)
+        self.progress = Progress(self.last, config.output.log_every, False)
         log.info("training path: %s", spec.name)
 
     def fit(self, make_tracker: TrackerFactory | None = None) -> TrainResult:
@@ -128,8 +135,7 @@ class Trainer:
         found = self.checkpointer.find()
         resumed = self.checkpointer.restore(found, self.rng) if found is not None else None
         model = Path(self.config.output.output_dir) / artifacts.WEIGHTS
-        epochs = self.config.training.epochs
-        finished = resumed is not None and resumed.epoch > epochs and model.is_file()
+        finished = resumed is not None and self._done(resumed) and model.is_file()
         # The main rank writes the model, so it decides (other nodes may not see the file).
         finished, recorded = from_main((finished, finished and artifacts.recorded(model.parent)),
                                        self.info)  # fmt: skip
@@ -138,7 +144,8 @@ class Trainer:
         if finished and (not self.info.is_main or self.tracker.run_id is None):
             self.tracker.close("FINISHED")  # another node's system metrics, if any
             log.warning("this job finished (its model is in %s): nothing to train; a larger "
-                        "--epochs trains on, --fresh starts over", model.parent)  # fmt: skip
+                        "--epochs or --max-steps trains on, --fresh starts over",
+                        model.parent)  # fmt: skip
             return TrainResult(self.module, self.data.vocab, self.history, model.parent)
         self.checkpointer.mlflow_run_id = self.tracker.run_id
         status = "FAILED"
@@ -176,15 +183,40 @@ class Trainer:
             raise Transient(message) if outage else UserError(message)
         return tracker if self.info.is_main else make_tracker(run_id)
 
-    def run_epoch(self, number: int, progress: EpochProgress | None = None) -> EpochStats:
-        """Train one epoch (from ``progress`` when resuming one part-way)."""
-        data = self.config.data
-        epoch_rng = self.rng.getstate()  # what a mid-epoch checkpoint needs to redo the layout
-        batches = epoch_batches(self.train_ids, data.batch_size, data.num_steps, data.sampling,
-                                self.rng, self.info.rank, self.info.world_size)  # fmt: skip
-        epoch = Epoch(number, batches, data.sampling == "random", progress)
-        after_step = functools.partial(self.checkpointer.after_step, number, epoch_rng)
-        return train_epoch(self.step, epoch, self.info, after_step)
+    def run_epoch(
+        self, number: int, count: int | None = None, progress: EpochProgress | None = None
+    ) -> EpochStats:
+        """Train one report: the rest of this pass (``count`` None), or ``count`` minibatches
+        of the stream (from ``progress`` when resuming one part-way)."""
+        if progress is None:
+            progress = EpochProgress.start(self.info.device)
+            progress.state = self.carried.state
+        epoch = Epoch(number, self._minibatches(count), progress)
+        after_step = functools.partial(self.checkpointer.after_step, number, self.cursor)
+        stats = train_epoch(self.step, epoch, self.info, after_step)
+        self.carried.state = progress.state
+        return stats
+
+    def _minibatches(self, count: int | None) -> Iterator[tuple[bool, Minibatch]]:
+        """This rank's minibatches, ``count`` of them or to the end of the pass, with whether
+        each starts from a fresh state (a pass's first; every one when sampled at random)."""
+        data, info, taken = self.config.data, self.info, 0
+        while count is None or taken < count:
+            if self.batches is None:  # lay out this pass; the cursor keeps how, for a resume
+                self.cursor.rng_state = self.rng.getstate()
+                self.batches = epoch_batches(self.data.train_ids,
+                                             data.batch_size, data.num_steps, data.sampling,
+                                             self.rng, info.rank, info.world_size)  # fmt: skip
+            if self.cursor.done == len(self.batches):
+                self.cursor.next_pass(self.rng.getstate())
+                self.batches = None
+                if count is None:
+                    return
+                continue
+            index = self.cursor.done
+            self.cursor.done += 1  # before the step: a checkpoint after it resumes past it
+            taken += 1
+            yield index == 0 or data.sampling == "random", self.batches[index]
 
     def _open_run(self, resumed: Resumed | None) -> None:
         """A new run gets the job's settings; a resumed job's run, what it lacks of the history."""
@@ -204,16 +236,38 @@ class Trainer:
             log.warning("MLflow is slow: training starts before the run's first records are sent")
 
     def _train(self, resumed: Resumed | None) -> None:
-        first = resumed.epoch if resumed else 1
-        epochs = self.config.training.epochs
-        self.progress = Progress(epochs, self.config.output.log_every, self.info.is_main,
-                                 done=first - 1)  # fmt: skip
+        """Report after report: an epoch each, or --eval-every steps each with --max-steps."""
+        partial = resumed.progress if resumed else None
+        if resumed is not None:
+            self.cursor = resumed.cursor
+        if self.step_mode:  # where the report in progress began
+            done = resumed.global_step - (partial.step if partial else 0) if resumed else 0
+        else:
+            done = resumed.epoch - 1 if resumed else 0
+        log_every = 1 if self.step_mode else self.config.output.log_every
+        unit = "step" if self.step_mode else "epoch"
+        self.progress = Progress(self.last, log_every, self.info.is_main, done, unit)
         try:
-            for number in range(first, epochs + 1):
-                partial = resumed.progress if resumed and number == resumed.epoch else None
-                self._after_epoch(self.run_epoch(number, partial))
+            while done < self.last:
+                if self.step_mode:
+                    end = min(done + self.config.training.eval_every, self.last)
+                    count = end - done - (partial.step if partial else 0)
+                    self._after_epoch(self.run_epoch(end, count, partial))
+                else:
+                    end = done + 1
+                    self._after_epoch(self.run_epoch(end, None, partial))
+                done, partial = end, None
         finally:
             self.progress.close()
+
+    def _done(self, resumed: Resumed) -> bool:
+        if self.step_mode:
+            return resumed.global_step >= self.last
+        return resumed.epoch > self.last
+
+    def _report_index(self, number: int) -> int:
+        """Epochs count themselves; with --max-steps, the n-th report ends at step ~n*every."""
+        return -(-number // self.config.training.eval_every) if self.step_mode else number
 
     def _after_epoch(self, stats: EpochStats) -> None:
         self.history.epochs.append(stats)
@@ -221,13 +275,16 @@ class Trainer:
         if self.val_batches:
             self.history.val_perplexity.append(evaluate(self.module, self.val_batches, self.info))
             extra["val_perplexity"] = self.history.val_perplexity[-1]
+            extra["val_bpc"] = math.log2(extra["val_perplexity"])  # bits per character
         self.history.extra_metrics.append(extra)
         self.tracker.log_epoch(stats, extra)
         self.progress.update(stats)
-        output, last = self.config.output, stats.epoch == self.config.training.epochs
-        if self.info.is_main and stats.epoch % output.sample_every == 0 and not last:
+        output, last = self.config.output, stats.epoch == self.last
+        index = self._report_index(stats.epoch)
+        if self.info.is_main and index % output.sample_every == 0 and not last:
             self._sample(stats.epoch, output.sample_prefixes[:1])
-        self.checkpointer.after_epoch(stats.epoch, self.rng.getstate())
+        resume_at = stats.epoch if self.step_mode else stats.epoch + 1
+        self.checkpointer.after_report(index, last, resume_at, self.cursor, self.carried)
 
     def _sample(self, epoch: int, prefixes: tuple[str, ...]) -> None:
         texts = generate(
@@ -236,16 +293,16 @@ class Trainer:
         for prefix, text in zip(prefixes, texts, strict=True):
             self.history.samples.append((epoch, prefix, text))
             self.tracker.log_sample(epoch, prefix, text)
-            self.progress.write(f"epoch {epoch}: {text}")
+            self.progress.write(f"{self.progress.unit} {epoch}: {text}")
 
     def _finish(self) -> TrainResult:
         """The final samples, the model written and registered (main rank)."""
         result = TrainResult(module=self.module, vocab=self.data.vocab, history=self.history)
         if not self.info.is_main:
             return result
-        epochs, history = self.config.training.epochs, self.history
-        history.samples[:] = [s for s in history.samples if s[0] != epochs]
-        self._sample(epochs, self.config.output.sample_prefixes)
+        history = self.history
+        history.samples[:] = [s for s in history.samples if s[0] != self.last]
+        self._sample(self.last, self.config.output.sample_prefixes)
         final = history.epochs[-1]
         log.info("perplexity %.1f, %.1f tokens/sec on %s",
                  final.perplexity, final.tokens_per_s, self.info.device)  # fmt: skip

@@ -139,6 +139,44 @@ def test_killed_worker_restarts_and_resumes_exactly(
     one_run_each_epoch_once(server, "ft-kill")
 
 
+STEP_ARGS = (
+    "--max-tokens", "8000", "--max-steps", "60", "--eval-every", "10",
+    "--checkpoint-unit", "step", "--checkpoint-every", "3",
+)  # fmt: skip  # 7 minibatches a pass: 60 steps are 8 passes and a half
+
+
+def test_a_job_by_steps_resumes_exactly_after_a_killed_worker(
+    corpus_path: Path, tmp_path: Path, server: str
+) -> None:
+    """--max-steps over many passes: reports, checkpoints and the layout of each pass all
+    cross pass boundaries, and a restart must land on the same minibatch of the same pass."""
+    reference = tmp_path / "reference"
+    proc = run_job(args_for(corpus_path, reference, "--no-tracking", *STEP_ARGS), nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    work = tmp_path / "killed"
+    args = args_for(corpus_path, work, *STEP_ARGS, "--tracking-uri", server, "--experiment",
+                    "ft-steps")  # fmt: skip
+    launcher = launch(args, restarts=1)
+    deadline = time.monotonic() + 300
+    while not any(checkpoint.load(p)["global_step"] >= 25
+                  for p in checkpoint.list_checkpoints(work / "ckpt")):  # fmt: skip
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    workers(launcher)[1].send_signal(signal.SIGKILL)
+    code, stderr = finish(launcher)
+    assert code == 0, stderr[-4000:]
+    assert "resuming from" in stderr
+    assert_same_weights(work, reference)
+    ours, theirs = read_train_info(work / "model"), read_train_info(reference / "model")
+    assert ours["perplexity_by_epoch"] == pytest.approx(theirs["perplexity_by_epoch"], rel=1e-12)
+    assert len(ours["val_perplexity_by_epoch"]) == 6
+    client = MlflowClient(server)
+    (run,) = client.search_runs([client.get_experiment_by_name("ft-steps").experiment_id])
+    for metric in ("train_perplexity", "train_bpc", "val_perplexity", "val_bpc"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+        assert sorted(steps) == [10, 20, 30, 40, 50, 60], metric
+
+
 def test_preempted_job_checkpoints_and_the_same_command_completes(
     corpus_path: Path, tmp_path: Path, uninterrupted: Path
 ) -> None:

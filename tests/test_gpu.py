@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from benchmarks import bench_gpu
+from benchmarks.chapter_loop import chapter_tokens
 from rnnlm.batching import epoch_batches
 from rnnlm.config import ModelConfig, TrainConfig
-from rnnlm.corpus import tokenize
 from rnnlm.distributed import DistInfo
 from rnnlm.errors import FlagError
-from rnnlm.loop import Epoch, train_epoch
+from rnnlm.loop import Epoch, in_order, train_epoch
 from rnnlm.model import RNNLM
 from rnnlm.steps import EagerStep, GraphedStep
 from tests.conftest import ROOT, run_job
@@ -89,8 +89,7 @@ def test_gpu_benchmark_needs_only_torch_and_rnnlm() -> None:
 
 
 def test_gpu_benchmark_tokenizes_as_the_job(corpus_path: Path) -> None:
-    text = corpus_path.read_text()[:20_000]
-    assert bench_gpu.d2l_tokens(text) == tokenize(text, "d2l")
+    assert bench_gpu.d2l_tokens(corpus_path.read_text()) == chapter_tokens(corpus_path)
 
 
 def _losses(step_kind: str, epochs: int = 2) -> list[float]:
@@ -107,7 +106,7 @@ def _losses(step_kind: str, epochs: int = 2) -> list[float]:
     rng = random.Random(0)
     for number in range(1, epochs + 1):
         batches = epoch_batches(corpus, 8, 10, "sequential", rng)
-        train_epoch(step, Epoch(number, batches, False), DistInfo(device=device))
+        train_epoch(step, Epoch(number, in_order(batches)), DistInfo(device=device))
     return [float(v) for v in step.losses]
 
 

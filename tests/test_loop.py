@@ -14,7 +14,7 @@ import rnnlm.loop
 from rnnlm.config import ModelConfig
 from rnnlm.distributed import DistInfo
 from rnnlm.errors import NonFiniteLoss
-from rnnlm.loop import Epoch, train_epoch
+from rnnlm.loop import Epoch, in_order, train_epoch
 from rnnlm.model import RNNLM
 from rnnlm.records import EpochStats
 from rnnlm.steps import EagerStep
@@ -43,7 +43,7 @@ def _epoch(
         return totals
 
     monkeypatch.setattr(rnnlm.loop, "all_reduce_sum", sum_with_peer)
-    stats = train_epoch(step, Epoch(1, batches, reset_state_every_batch=False), RANK0)
+    stats = train_epoch(step, Epoch(1, in_order(batches)), RANK0)
     return seen, stats
 
 

@@ -17,7 +17,6 @@ from torch import nn
 from benchmarks import chapter_loop
 from rnnlm.batching import epoch_batches
 from rnnlm.config import ModelConfig
-from rnnlm.corpus import load_tokens
 from rnnlm.generate import generate
 from rnnlm.model import RNNLM
 from rnnlm.records import detach_state
@@ -37,7 +36,7 @@ def spec(request: pytest.FixtureRequest) -> TrainSpec:
 
 
 def _chapter_data(corpus_path: Path) -> tuple[Vocab, list[int]]:
-    tokens = load_tokens(corpus_path, "d2l")
+    tokens = chapter_loop.chapter_tokens(corpus_path)
     vocab = Vocab.build(tokens)
     return vocab, vocab.encode(tokens)[:10_000]
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rnnlm import corpus
+from benchmarks.chapter_loop import chapter_tokens
 from rnnlm.vocab import UNK, Vocab
 
 
 def test_time_machine_vocabulary(corpus_path: Path, tmp_path: Path) -> None:
-    vocab = Vocab.build(corpus.load_tokens(corpus_path, "d2l"))
+    vocab = Vocab.build(chapter_tokens(corpus_path))
     assert len(vocab) == 28
     assert vocab.idx_to_token[:11] == [UNK, " ", "e", "t", "a", "i", "n", "o", "s", "h", "r"]
     vocab.save(tmp_path / "vocab.json")

@@ -246,5 +246,23 @@ def training_launch(overlay: str) -> Launch:
     )
 
 
+PREPARE = "prepare"  # the init container that prepares the corpus before training
+
+
+def prepare_step(launch: Launch) -> Obj:
+    """The launch's init container that runs ``jobs.prepare`` before the trainer starts."""
+    steps = [c for c in launch.pod.get("initContainers", []) if c["name"] == PREPARE]
+    assert len(steps) == 1, f"k8s/{launch.overlay}: no init container {PREPARE!r} before training"
+    return steps[0]
+
+
+def prepare_argv(step: Obj) -> list[str]:
+    """What the prepare step runs inside its ``sh -c`` wrapper (which turns exit 2 into 0)."""
+    command = step["command"]
+    assert command[:2] == ["sh", "-c"] and len(command) == 4, command
+    assert 'python -m jobs.prepare "$@"' in command[2], command[2]
+    return ["python", "-m", "jobs.prepare", *step.get("args", [])]
+
+
 def _pet(nodes: int, nproc: int) -> dict[str, str]:
     return {"PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": str(nproc)}

@@ -77,7 +77,7 @@ def test_wheel_carries_the_commands(tmp_path: Path) -> None:
         names = set(zf.namelist())
         (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
         scripts = zf.read(entry_points).decode()
-    assert {"jobs/train.py", "jobs/torchrun.py", "rnnlm/trainer.py"} <= names
+    assert {"jobs/train.py", "jobs/torchrun.py", "jobs/prepare.py", "rnnlm/trainer.py"} <= names
     assert not any(n.startswith("tests/") for n in names)
     assert "rnnlm-train = jobs.train:main" in scripts
     assert "rnnlm-torchrun = jobs.torchrun:main" in scripts

@@ -7,6 +7,7 @@ import copy
 import functools
 import importlib
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -19,20 +20,29 @@ import yaml
 from torch.distributed import run as torch_run
 
 from jobs.common import EXIT_TRANSIENT, EXIT_USER_ERROR
-from rnnlm.config import TrainConfig
+from jobs.flags import config_from_flags
+from rnnlm.config import DataConfig, TrainConfig
+from rnnlm.corpus import is_url
 from rnnlm.resume import EXIT_PREEMPTED
 from tests.conftest import ROOT
 from tests.k8s_manifests import (
     GPU,
     K8S,
     OVERLAYS,
+    PREPARE,
     TRAINING_OVERLAYS,
+    Launch,
+    Obj,
+    container_env,
     containers,
     find,
     find_overlays,
     job_specs,
     plain_env,
     pod_specs,
+    prepare_argv,
+    prepare_step,
+    readme_secrets,
     render,
     training_launch,
 )
@@ -259,6 +269,8 @@ def test_one_command_line_everywhere() -> None:
     """The three launchers run the same command, environment and mounts."""
     launches = [training_launch(o) for o in TRAINING_OVERLAYS]
     assert len({tuple(launch.argv) for launch in launches}) == 1, [x.argv for x in launches]
+    steps = [prepare_step(launch) for launch in launches]
+    assert all(step == steps[0] for step in steps), "the prepare steps differ between launchers"
     for name in ("envFrom", "volumeMounts", "securityContext"):
         values = [launch.container[name] for launch in launches]
         assert all(v == values[0] for v in values), name
@@ -309,6 +321,110 @@ def test_training_pods_have_the_volumes_they_need(overlay: str) -> None:
     assert env["RNNLM_OUTPUT_DIR"].startswith("/shared/")
 
 
+# --- the corpus prepared before training ------------------------------------------------------
+
+
+class _AnyValue(dict[str, str]):
+    """Downward-API and resource values: what they are does not matter here, only that every
+    variable resolves."""
+
+    def __missing__(self, key: str) -> str:
+        return f"<{key}>"
+
+    def __bool__(self) -> bool:  # empty, yet not "none given"
+        return True
+
+
+def _data_config(objs: tuple[Obj, ...], container: Obj, cli: str, args: list[str]) -> DataConfig:
+    """The data settings ``args`` give ``cli`` in ``container``'s environment, as in the pod."""
+    env = container_env(
+        objs, container, readme_secrets("admin", "postgresql://db"), None, _AnyValue(), _AnyValue()
+    )
+    with mock.patch.dict(os.environ, env, clear=True):
+        return config_from_flags(_parse(_cli(cli), args)).data
+
+
+def _mount(container: Obj, path: str) -> tuple[str, str, str, bool]:
+    """(volume, mountPath, subPath, readOnly) of the mount ``path`` lies on in ``container``."""
+    mounts = [
+        m
+        for m in container.get("volumeMounts", [])
+        if (path + "/").startswith(m["mountPath"].rstrip("/") + "/")
+    ]
+    assert mounts, f"container {container['name']} does not mount {path}"
+    m = max(mounts, key=lambda m: len(m["mountPath"]))
+    return m["name"], m["mountPath"], m.get("subPath", ""), m.get("readOnly", False)
+
+
+def _trainer_data_config(launch: Launch) -> DataConfig:
+    objs = render(launch.overlay)
+    env = {**plain_env(launch.container), **launch.injected_env}
+    script_args = _parse_torchrun(launch.argv[1:], env).training_script_args
+    return _data_config(objs, launch.container, "jobs.train", script_args)
+
+
+@pytest.mark.parametrize("overlay", TRAINING_AND_GPU)
+def test_the_corpus_is_prepared_before_training_as_the_trainer_loads_it(overlay: str) -> None:
+    """An init container runs ``jobs.prepare`` before the trainer: the same image, the same data
+    settings (arguments and environment), the same cache and corpus mounts. Were they to
+    differ, it would prepare what the trainer never loads, or where the trainer never looks."""
+    launch = training_launch(overlay)
+    step = prepare_step(launch)
+    assert step["image"] == launch.container["image"], overlay
+    argv = prepare_argv(step)
+    prepare_data = _data_config(render(overlay), step, "jobs.prepare", argv[3:])
+    train_data = _trainer_data_config(launch)
+    assert prepare_data == train_data, overlay
+    cache_dir = prepare_data.cache_dir
+    assert cache_dir, f"{overlay}: name the cache directory (RNNLM_CACHE_DIR)"
+    cache = _mount(step, cache_dir)
+    assert cache == _mount(launch.container, cache_dir), overlay
+    assert not cache[3], f"{overlay}: the prepare step writes the cache"
+    # The corpus, where the trainer reads it: its path if local; else where the docs put one.
+    corpus = "/shared/corpus/timemachine.txt" if is_url(train_data.corpus) else train_data.corpus
+    assert _mount(step, corpus)[:3] == _mount(launch.container, corpus)[:3], overlay
+    # It talks to no MLflow: no credentials.
+    assert not any("secretRef" in source for source in step.get("envFrom", [])), overlay
+    assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in step.get("env", []))
+
+
+def test_the_prepare_check_sees_a_divergence() -> None:
+    """The check above has teeth: another corpus flag, or the cache elsewhere, fails it."""
+    launch = training_launch("train-job")
+    step = prepare_step(launch)
+    objs = render("train-job")
+    same = _data_config(objs, step, "jobs.prepare", prepare_argv(step)[3:])
+    assert same == _trainer_data_config(launch)
+    raw = _data_config(objs, step, "jobs.prepare", [*step["args"], "--preprocess", "raw"])
+    assert raw != same
+    moved = copy.deepcopy(step)
+    (var,) = [v for v in moved["env"] if v["name"] == "RNNLM_CACHE_DIR"]
+    var["value"] = "/shared/cache"
+    elsewhere = _data_config(objs, moved, "jobs.prepare", step["args"])
+    assert elsewhere.cache_dir == "/shared/cache" and elsewhere != same
+    # ... and the step's /shared is read-only, the trainer's not: the mounts differ too.
+    assert _mount(moved, "/shared/cache") != _mount(launch.container, "/shared/cache")
+
+
+def test_the_prepare_step_leaves_bad_input_to_the_trainer(tmp_path: Path) -> None:
+    """The step's exact ``sh -c`` command, with a stand-in ``python`` exiting with each code:
+    it passes the arguments on, exits 0 where ``jobs.prepare`` exits 2 (bad input: the trainer
+    then meets the same error and exits 2 through rnnlm-torchrun, so every launcher fails the
+    job at once), and any other code unchanged (203, an outage: the pod is retried)."""
+    step = prepare_step(training_launch("train-job"))
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\nprintf \'%s\\n\' "$@" > "$ARGS_FILE"\nexit "$EXIT_CODE"\n')
+    fake.chmod(0o755)
+    for code, expected in [(0, 0), (2, 0), (EXIT_TRANSIENT, EXIT_TRANSIENT), (1, 1), (137, 137)]:
+        env = {"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "EXIT_CODE": str(code),
+               "ARGS_FILE": str(tmp_path / "args")}  # fmt: skip
+        proc = subprocess.run(
+            [*step["command"], *step["args"]], env=env, timeout=30, stdin=subprocess.DEVNULL
+        )
+        assert proc.returncode == expected, (code, proc.returncode)
+        assert (tmp_path / "args").read_text().splitlines() == prepare_argv(step)[1:]
+
+
 def test_sample_job_command_parses() -> None:
     (container,) = containers(render("sample"))
     command = [*container["command"], *container["args"]]
@@ -357,6 +473,10 @@ def test_every_launcher_maps_the_exit_code_contract(overlay: str) -> None:
                 assert first_rule(rules, container, EXIT_TRANSIENT) == "Count", overlay
                 assert first_rule(rules, container, EXIT_PREEMPTED) == "Count", overlay
                 assert spec["backoffLimit"] >= 3, overlay
+            for init in (c["name"] for c in pod.get("initContainers", [])):
+                # The prepare step never exits 2 (left to the trainer); an outage is retried.
+                assert first_rule(rules, init, EXIT_TRANSIENT) == "Count", overlay
+                assert first_rule(rules, init, EXIT_PREEMPTED) == "Count", overlay
             stated = [
                 r for r in rules if EXIT_TRANSIENT in r.get("onExitCodes", {}).get("values", [])
             ]
@@ -575,13 +695,15 @@ def test_mlflow_settings_come_from_the_environment(overlay: str) -> None:
     assert env_map["MLFLOW_TRACKING_URI"] == f"http://{tracking['metadata']['name']}:{port}"
     ours = [c for c in containers(objs) if c["image"].startswith(OUR_IMAGES)]
     if overlay == "trainjob":
-        ours = [training_launch(overlay).container]
+        launch = training_launch(overlay)
+        ours = [launch.container, *launch.pod.get("initContainers", [])]
     for c in ours:
-        sources = c["envFrom"]
-        assert {"configMapRef": {"name": "rnnlm-env"}} in sources
-        assert {"secretRef": {"name": "rnnlm-mlflow-auth"}} in sources
         argv = " ".join([*c.get("command", []), *c.get("args", [])])
         assert "tracking-uri" not in argv and "PASSWORD" not in argv
+        sources = c["envFrom"]
+        assert {"configMapRef": {"name": "rnnlm-env"}} in sources
+        if c["name"] != PREPARE:  # it talks to no MLflow (see the prepare step's test)
+            assert {"secretRef": {"name": "rnnlm-mlflow-auth"}} in sources
 
 
 def test_tracking_server() -> None:

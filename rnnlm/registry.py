@@ -79,6 +79,8 @@ def log_and_register(
     client.set_registered_model_alias(name, alias, str(version))
     description = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in summary.items())
     client.update_model_version(name, str(version), description=f"Final {description}.")
+    for key, value in summary.items():  # queryable: search_model_versions filters on tags
+        client.set_model_version_tag(name, str(version), key, f"{value:.6g}")
     log.info("registered %s version %d as @%s", name, version, alias)
     return version
 
@@ -183,3 +185,50 @@ def _check_registered(model_uri: str) -> None:
                 f"--model-uri: {name!r} has no version {ref[1]}; versions: "
                 f"{', '.join(map(str, versions))}."
             )
+
+
+def version_of(model_uri: str) -> Any | None:
+    """The registered version ``model_uri`` names (``models:/name@alias``, ``models:/name/N``),
+    else None (a run's model, a directory)."""
+    if not model_uri.startswith("models:/"):
+        return None
+    from mlflow import MlflowClient
+
+    _check_registered(model_uri)
+    name, _, alias = model_uri.removeprefix("models:/").split("/")[0].partition("@")
+    client = MlflowClient()
+    if alias:
+        return client.get_model_version_by_alias(name, alias)
+    return client.get_model_version(name, model_uri.removeprefix("models:/").split("/")[1])
+
+
+def alias_holder(name: str, alias: str) -> Any | None:
+    """The version ``alias`` points at, or None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def training_settings(version: Any) -> dict[str, str]:
+    """The training job's settings (its run's parameters) of a registered version."""
+    from mlflow import MlflowClient
+
+    return dict(MlflowClient().get_run(version.run_id).data.params) if version.run_id else {}
+
+
+def tag_version(version: Any, tags: dict[str, str]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(version.name, str(version.version), key, value)
+
+
+def move_alias(version: Any, alias: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_registered_model_alias(version.name, alias, str(version.version))

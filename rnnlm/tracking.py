@@ -67,6 +67,24 @@ class Tracker:
         return True
 
 
+def dataset_inputs(
+    source: str, sha1: str, num_tokens: int, context: str, name: str | None = None
+) -> list[Any]:
+    """A run's input: the corpus (or a slice of it, ``name``) by its sha1, for ``context``."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = redact(source)
+    kind = "http" if source.startswith(("http://", "https://")) else "local"
+    dataset = Dataset(
+        name=name or Path(source).name or "corpus",
+        digest=sha1[:10],
+        source_type=kind,
+        source=json.dumps({"url" if kind == "http" else "uri": source}),
+        profile=json.dumps({"num_tokens": num_tokens, "sha1": sha1}),
+    )
+    return [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
+
+
 def resolve_uri(uri: str | None) -> str:
     import mlflow
 
@@ -304,18 +322,7 @@ class MlflowTracker(Tracker):
         self.log_artifact_text(json.dumps(config, indent=2), "config.json")
 
     def log_dataset(self, source: str, sha1: str, num_tokens: int) -> None:
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
-        source = redact(source)
-        kind = "http" if source.startswith(("http://", "https://")) else "local"
-        dataset = Dataset(
-            name=Path(source).name or "corpus",
-            digest=sha1[:10],
-            source_type=kind,
-            source=json.dumps({"url" if kind == "http" else "uri": source}),
-            profile=json.dumps({"num_tokens": num_tokens, "sha1": sha1}),
-        )
-        inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]
+        inputs = dataset_inputs(source, sha1, num_tokens, "training")
         self.sender.submit("dataset", lambda: self.client.log_inputs(self._run_id, inputs))
 
     def resume(self, history: History) -> None:

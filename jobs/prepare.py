@@ -35,7 +35,7 @@ def prepare(**flags: Any) -> None:
         data = load_dataset(config.data, config.runtime.outage_timeout)
         click.echo(
             f"prepared {data.path} (sha1 {data.sha1}): vocabulary {len(data.vocab)}, "
-            f"{len(data.train_ids)} training and {len(data.val_ids)} held-out tokens"
+            f"{data.num_tokens} tokens"
         )
 
 

@@ -4,6 +4,7 @@ the mapped ids: nothing here grows with the corpus."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ class Dataset:
     val_ids: Tensor  # held-out ids right after it (empty: no validation)
     path: Path
     sha1: str
+    num_tokens: int = 0  # of the whole corpus
+    unmap_pages: Callable[[], None] = lambda: None  # see PreparedCorpus.unmap_pages
 
 
 def cache_dir(config: DataConfig) -> Path:
@@ -47,4 +50,4 @@ def load_dataset(config: DataConfig, retry_for: float = 0.0) -> Dataset:
             f"token per row of the batch ({config.batch_size}); pass --val-tokens 0 or use less "
             "--max-tokens.",
         )
-    return Dataset(vocab, train_ids, val_ids, path, sha1)
+    return Dataset(vocab, train_ids, val_ids, path, sha1, len(ids), ready.unmap_pages)

@@ -20,6 +20,8 @@ from rnnlm.errors import NonFiniteLoss
 from rnnlm.records import EpochProgress, EpochStats, detach_state
 from rnnlm.steps import Step
 
+MAX_LOG_PERPLEXITY = math.log(1e300)  # a diverged model: exp() would overflow
+
 
 @dataclass
 class Epoch:
@@ -96,9 +98,12 @@ def _epoch_stats(
     rates, bad_steps = gathered[:world], [int(b) - 1 for b in gathered[world:] if b > 0]
     if bad_steps:
         raise NonFiniteLoss(number, min(bad_steps))
+    mean_loss = total_loss / total_tokens
+    if mean_loss > MAX_LOG_PERPLEXITY:  # finite losses, but a perplexity beyond any float
+        raise NonFiniteLoss(number, progress.step)
     return EpochStats(
         epoch=number,
-        perplexity=math.exp(total_loss / total_tokens),
+        perplexity=math.exp(mean_loss),
         num_tokens=int(total_tokens),
         seconds=seconds,
         tokens_per_s=tokens_now / seconds,

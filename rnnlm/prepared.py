@@ -20,6 +20,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import mmap
 import os
 import shutil
 import time
@@ -51,6 +52,15 @@ class PreparedCorpus:
     vocab: Vocab
     ids: Tensor  # (N,) every token's id, memory-mapped: pages are read when used, and shared
     directory: Path
+    mapping: np.memmap
+
+    def unmap_pages(self) -> None:
+        """Unmap the pages read so far from this process (they stay in the page cache, shared,
+        and come back on the next read): a rank's resident memory then holds the minibatches in
+        use, not every page it ever read (the kernel maps whole folios, up to 2 MB a read)."""
+        mapped = getattr(self.mapping, "_mmap", None)  # numpy's, of this file
+        if isinstance(mapped, mmap.mmap):
+            mapped.madvise(mmap.MADV_DONTNEED)  # never written: pages refault from the file
 
 
 def prepare(
@@ -75,7 +85,7 @@ def load(directory: Path) -> PreparedCorpus:
     # Copy-on-write: writable for torch, yet never written; the pages stay the page cache's.
     ids = np.memmap(directory / _IDS, dtype=np.dtype(meta["dtype"]), mode="c",
                     shape=(meta["num_tokens"],))  # fmt: skip
-    return PreparedCorpus(Vocab.load(directory / _VOCAB), torch.from_numpy(ids), directory)
+    return PreparedCorpus(Vocab.load(directory / _VOCAB), torch.from_numpy(ids), directory, ids)
 
 
 @contextlib.contextmanager

@@ -191,6 +191,8 @@ class Trainer:
         if progress is None:
             progress = EpochProgress.start(self.info.device)
             progress.state = self.carried.state
+        if self.batches is None:  # before the clock of the report's first step starts
+            self._lay_out()
         epoch = Epoch(number, self._minibatches(count), progress)
         after_step = functools.partial(self.checkpointer.after_step, number, self.cursor)
         stats = train_epoch(self.step, epoch, self.info, after_step)
@@ -200,13 +202,11 @@ class Trainer:
     def _minibatches(self, count: int | None) -> Iterator[tuple[bool, Minibatch]]:
         """This rank's minibatches, ``count`` of them or to the end of the pass, with whether
         each starts from a fresh state (a pass's first; every one when sampled at random)."""
-        data, info, taken = self.config.data, self.info, 0
+        taken = 0
         while count is None or taken < count:
-            if self.batches is None:  # lay out this pass; the cursor keeps how, for a resume
-                self.cursor.rng_state = self.rng.getstate()
-                self.batches = epoch_batches(self.data.train_ids,
-                                             data.batch_size, data.num_steps, data.sampling,
-                                             self.rng, info.rank, info.world_size)  # fmt: skip
+            if self.batches is None:
+                self._lay_out()
+            assert self.batches is not None
             if self.cursor.done == len(self.batches):
                 self.cursor.next_pass(self.rng.getstate())
                 self.batches = None
@@ -216,7 +216,15 @@ class Trainer:
             index = self.cursor.done
             self.cursor.done += 1  # before the step: a checkpoint after it resumes past it
             taken += 1
-            yield index == 0 or data.sampling == "random", self.batches[index]
+            self.data.unmap_pages()  # the previous minibatch's pages: resident memory stays flat
+            yield index == 0 or self.config.data.sampling == "random", self.batches[index]
+
+    def _lay_out(self) -> None:
+        """Lay out this pass (its offset or its shuffle); the cursor keeps how, for a resume."""
+        data, info = self.config.data, self.info
+        self.cursor.rng_state = self.rng.getstate()
+        layout = (data.batch_size, data.num_steps, data.sampling, self.rng)
+        self.batches = epoch_batches(self.data.train_ids, *layout, info.rank, info.world_size)
 
     def _open_run(self, resumed: Resumed | None) -> None:
         """A new run gets the job's settings; a resumed job's run, what it lacks of the history."""

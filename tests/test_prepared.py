@@ -375,3 +375,31 @@ def test_sha1_is_remembered_until_the_file_changes(tmp_path: Path) -> None:
     third = corpus.sha1_remembered(path, cache)
     assert third == corpus.sha1_of(path)
     assert json.loads(memo.read_text())["sha1"] == third
+
+
+def _resident_kb_of(path: Path) -> int:
+    """This process's resident kB of its mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_pages_read_are_unmapped_so_resident_memory_stays_flat(tmp_path: Path) -> None:
+    """A rank reads its minibatches from the map; without unmapping, every page it ever read
+    would stay in its resident memory (a whole corpus per rank after a pass)."""
+    text = tmp_path / "c.txt"
+    words = Path(ROOT.parent / "shared" / "data" / "timemachine.txt").read_text().split()
+    text.write_text(" ".join(random.Random(0).choices(words, k=2_000_000)))  # ~12 MB of ids
+    ready = prepared.prepare(text, "s", "d2l", 0, tmp_path / "cache")
+    ids_file = ready.directory / "ids.bin"
+    assert int(ready.ids[::4096].sum()) > 0  # touch every page
+    touched = _resident_kb_of(ids_file)
+    assert touched > 0.9 * ids_file.stat().st_size / 1024
+    before = ready.ids[:1000].clone()
+    ready.unmap_pages()
+    assert _resident_kb_of(ids_file) < 0.05 * touched
+    assert torch.equal(ready.ids[:1000], before)  # read again from the file: the same ids

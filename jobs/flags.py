@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from rnnlm.config import TrainConfig, flag_name, flat_fields
+from rnnlm.errors import FlagError
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -31,6 +32,26 @@ def config_from_flags(flags: dict[str, Any]) -> TrainConfig:
     tuples)."""
     values = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in flags.items()}
     return TrainConfig.from_flat(values)
+
+
+def config_from_values(values: dict[str, Any], where: str) -> TrainConfig:
+    """The config of a JSON/YAML object of settings (flag names with '_'), each value of the
+    type its flag takes and the whole checked as a one-process job; a :class:`FlagError` naming
+    ``where`` (e.g. ``--spec``) otherwise."""
+    unknown = sorted(set(values) - set(flat_fields()))
+    if unknown:
+        raise FlagError(where, f"unknown settings {unknown}; use the training flags' names with "
+                        "'_' (python -m jobs.train --help).")  # fmt: skip
+    hints = _field_types()
+    for name, value in values.items():
+        if not _fits(value, hints[name]):
+            raise FlagError(where, f"{name}: {json.dumps(value)} is not {_kind(hints[name])}.")
+    config = config_from_flags(values)
+    try:
+        config.validate(1)
+    except FlagError as exc:
+        raise FlagError(where, str(exc)) from None
+    return config
 
 
 def _option(f: dataclasses.Field[Any], annotation: Any) -> Decorator:

@@ -332,6 +332,10 @@ class TrackingConfig(Section):
         "rnnlm-timemachine", "Model Registry name for the final model."
     )
     alias: str = setting("candidate", "Registry alias set on the new version.")
+    parent_run_id: str | None = setting(
+        None, "Record the run as a child of this MLflow run (a sweep's trial)."
+    )
+    tags: tuple[str, ...] = setting((), "KEY=VALUE: a tag on the run (repeatable).", flag="--tag")
     tracking_timeout: float = setting(
         300.0, "Seconds to wait at the end for an unreachable tracking server."
     )
@@ -340,6 +344,16 @@ class TrackingConfig(Section):
         super().check(world_size)
         if not (self.tracking_timeout >= 0 and math.isfinite(self.tracking_timeout)):
             raise FlagError("--tracking-timeout", f"got {self.tracking_timeout}; pass 0 or more.")
+        for tag in self.tags:
+            if not tag.partition("=")[0].strip() or "=" not in tag:
+                raise FlagError("--tag", f"got {tag!r}; pass KEY=VALUE, e.g. --tag trial=3.")
+
+    def run_tags(self) -> dict[str, str]:
+        """The run's own tags: ``--tag`` pairs, and its parent's id (MLflow's nesting tag)."""
+        tags = dict(tag.split("=", 1) for tag in self.tags)
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        return tags
 
 
 @dataclass(frozen=True)

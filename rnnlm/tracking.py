@@ -305,7 +305,19 @@ class MlflowTracker(Tracker):
         experiment_id = (
             experiment.experiment_id if experiment else self.client.create_experiment(name)
         )
-        return self.client.create_run(experiment_id, run_name=self.settings.run_name).info.run_id
+        parent = self.settings.parent_run_id
+        if parent:
+            try:
+                self.client.get_run(parent)
+            except Exception as exc:
+                if refusal(exc) is None:
+                    raise
+                raise UserError(f"--parent-run-id: no MLflow run {parent} on this server; "
+                                "pass the id of the sweep's parent run.") from None  # fmt: skip
+        run = self.client.create_run(
+            experiment_id, run_name=self.settings.run_name, tags=self.settings.run_tags()
+        )
+        return str(run.info.run_id)
 
     # -- records, all sent by the background thread ------------------------------------------
 

@@ -43,6 +43,9 @@ CASES = {
     "nan-tracking-timeout": (["--tracking-timeout", "nan"], ["--tracking-timeout", "nan"]),
     "inf-dist-timeout": (["--dist-timeout", "inf"], ["--dist-timeout", "finite number"]),
     "huge-samples": (["--num-sample-chars", "100000"], ["--num-sample-chars", "0 to 10000"]),
+    "negative-max-steps": (["--max-steps", "-1"], ["--max-steps", "pass 0"]),
+    "zero-eval-every": (["--max-steps", "5", "--eval-every", "0"], ["--eval-every"]),
+    "tag-not-a-pair": (["--tag", "trial"], ["--tag", "KEY=VALUE"]),
 }
 
 CONFIG_FILES = {

@@ -34,18 +34,20 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 
-from jobs.common import setup_logging, user_errors
+from jobs.common import EXIT_TRANSIENT, setup_logging, user_errors
 from jobs.flags import config_from_values
 from rnnlm.errors import FlagError
+from rnnlm.resume import EXIT_PREEMPTED
 from rnnlm.tracking import check_server, resolve_uri
 
 SPEC_KEYS = {"name", "experiment", "base", "grid", "random", "promote"}
@@ -196,13 +198,26 @@ def run_trial(
         "--run-name", f"{spec['name']}-{index}", "--output-dir", str(work / f"trial-{index}"),
     ]  # fmt: skip
     with open(work / f"trial-{index}.log", "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
-    if code != 0:
+        code = _run_forwarding_signals(command, log)
+    if code not in (0, EXIT_PREEMPTED, EXIT_TRANSIENT):  # those two are retried: not failed
         lines = (work / f"trial-{index}.log").read_text().strip().splitlines()
         _mark_failed(spec, parent, sweep_id, index, lines[-1] if lines else f"exit {code}")
     click.echo(f"trial {index} {trials[index]}: {'finished' if code == 0 else f'failed ({code})'}",
                err=True)  # fmt: skip
     return code
+
+
+def _run_forwarding_signals(command: list[str], log: IO[str]) -> int:
+    """Run the trial; a SIGTERM or SIGINT to the sweep (a pod deleted or preempted) goes to the
+    trial, which checkpoints and exits 143 as a training job does."""
+    trial = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    forward = lambda signum, _frame: trial.send_signal(signum)  # noqa: E731
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return trial.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _mark_failed(spec: dict[str, Any], parent: str, sweep_id: str, index: int, why: str) -> None:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import json
 import os
+import re
 import subprocess
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -19,8 +22,10 @@ import pytest
 import yaml
 from torch.distributed import run as torch_run
 
+import jobs.evaluate
+import jobs.sweep
 from jobs.common import EXIT_TRANSIENT, EXIT_USER_ERROR
-from jobs.flags import config_from_flags
+from jobs.flags import config_from_flags, config_from_values
 from rnnlm.config import DataConfig, TrainConfig
 from rnnlm.corpus import is_url
 from rnnlm.resume import EXIT_PREEMPTED
@@ -73,7 +78,9 @@ ALL_OVERLAYS = [o for o in OVERLAYS if o != "base"]
 TRAINING_AND_GPU = [*TRAINING_OVERLAYS, *(f"{o}-gpu" for o in TRAINING_OVERLAYS)]
 # The overlays the tests below check by name, on top of the rules every overlay gets (base is
 # only rendered and validated: the overlays built on it are checked with what it holds).
-CHECKED_BY_NAME = {"base", "tracking", "sample", *TRAINING_AND_GPU}
+CHECKED_BY_NAME = {"base", "tracking", "sample", "evaluate", "sweep", *TRAINING_AND_GPU}
+# The workloads that talk to MLflow, besides training.
+MLFLOW_CLIENT_OVERLAYS = ["sample", "evaluate", "sweep"]
 OUR_IMAGES = ("rnnlm:", "rnnlm-mlflow:")
 
 
@@ -335,13 +342,30 @@ class _AnyValue(dict[str, str]):
         return True
 
 
+def _pod_params(
+    objs: tuple[Obj, ...],
+    container: Obj,
+    command: click.Command,
+    args: list[str],
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """What ``command`` makes of ``args`` in ``container``'s environment (``env``, else the one
+    the pod would give it, downward-API values left open), flags falling back to it as there."""
+    if env is None:
+        secret_data = readme_secrets("admin", "postgresql://db")
+        env = container_env(objs, container, secret_data, None, _AnyValue(), _AnyValue())
+    with mock.patch.dict(os.environ, env, clear=True):
+        return _parse(command, args)
+
+
+def _train_config(objs: tuple[Obj, ...], container: Obj, cli: str, args: list[str]) -> TrainConfig:
+    """The settings ``args`` give ``cli`` (a training-flags CLI) in ``container``'s pod."""
+    return config_from_flags(_pod_params(objs, container, _cli(cli), args))
+
+
 def _data_config(objs: tuple[Obj, ...], container: Obj, cli: str, args: list[str]) -> DataConfig:
     """The data settings ``args`` give ``cli`` in ``container``'s environment, as in the pod."""
-    env = container_env(
-        objs, container, readme_secrets("admin", "postgresql://db"), None, _AnyValue(), _AnyValue()
-    )
-    with mock.patch.dict(os.environ, env, clear=True):
-        return config_from_flags(_parse(_cli(cli), args)).data
+    return _train_config(objs, container, cli, args).data
 
 
 def _mount(container: Obj, path: str) -> tuple[str, str, str, bool]:
@@ -356,11 +380,15 @@ def _mount(container: Obj, path: str) -> tuple[str, str, str, bool]:
     return m["name"], m["mountPath"], m.get("subPath", ""), m.get("readOnly", False)
 
 
-def _trainer_data_config(launch: Launch) -> DataConfig:
+def _trainer_config(launch: Launch) -> TrainConfig:
     objs = render(launch.overlay)
     env = {**plain_env(launch.container), **launch.injected_env}
     script_args = _parse_torchrun(launch.argv[1:], env).training_script_args
-    return _data_config(objs, launch.container, "jobs.train", script_args)
+    return _train_config(objs, launch.container, "jobs.train", script_args)
+
+
+def _trainer_data_config(launch: Launch) -> DataConfig:
+    return _trainer_config(launch).data
 
 
 @pytest.mark.parametrize("overlay", TRAINING_AND_GPU)
@@ -432,6 +460,167 @@ def test_sample_job_command_parses() -> None:
     _parse(_cli("jobs.sample"), command[3:])
 
 
+# --- evaluation and promotion, sweeps ------------------------------------------------------
+JOB_NAME_LABEL = "metadata.labels['batch.kubernetes.io/job-name']"
+INDEX_ANNOTATION = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+INDEX_ENV = "JOB_COMPLETION_INDEX"  # what the Job controller sets in every pod of an Indexed Job
+
+
+def _kubelet_expand(text: str, env: Mapping[str, str]) -> str:
+    """``$(NAME)`` in a command or argument replaced as the kubelet does: by the container's
+    variable of that name if it has one, else left as written; ``$$`` is a literal ``$``."""
+    return re.sub(r"\$\$|\$\((\w+)\)", lambda m: "$" if m[0] == "$$" else env.get(m[1], m[0]), text)
+
+
+def _job_container(overlay: str, name: str) -> tuple[Obj, Obj]:
+    job = find(render(overlay), "Job", name)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    return job, container
+
+
+def _evaluate_params() -> dict[str, Any]:
+    """The evaluate Job's command, parsed by ``jobs.evaluate``'s CLI in the pod's environment."""
+    _, container = _job_container("evaluate", "rnnlm-evaluate")
+    argv = [*container["command"], *container.get("args", [])]
+    assert argv[:3] == ["python", "-m", "jobs.evaluate"], argv
+    return _pod_params(render("evaluate"), container, jobs.evaluate.main, argv[3:])
+
+
+def test_the_evaluate_job_promotes_what_training_registers_on_its_corpus() -> None:
+    """The Job evaluates the version the training jobs register (their model name and alias),
+    on the corpus they train on (the same variable, and the same mount where it is a file),
+    and moves another alias (the champion) only by a fraction in [0, 1)."""
+    _, container = _job_container("evaluate", "rnnlm-evaluate")
+    params = _evaluate_params()
+    trainer = training_launch("train-job")
+    trained = _trainer_config(trainer)
+    tracking = trained.tracking
+    assert params["model_uri"] == f"models:/{tracking.registered_model_name}@{tracking.alias}"
+    assert params["promote"] and params["promote"] != tracking.alias, params["promote"]
+    assert 0 <= params["min_improvement"] < 1
+    assert (params["corpus"], params["corpus_sha1"]) == (
+        trained.data.corpus,
+        trained.data.corpus_sha1,
+    ), "the evaluate Job reads another corpus than training"
+    corpus = "/shared/corpus/timemachine.txt" if is_url(params["corpus"]) else params["corpus"]
+    assert _mount(container, corpus)[:3] == _mount(trainer.container, corpus)[:3]
+    assert params["cache_dir"], "name the cache directory (RNNLM_CACHE_DIR)"
+    assert not _mount(container, params["cache_dir"])[3], "the cache must be writable"
+
+
+SWEEP_JOB = "rnnlm-sweep"
+
+
+def _sweep_pod(index: int, job_name: str | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+    """Pod ``index`` of the sweep Job (its Job named ``job_name``, as the label would say): its
+    environment, as the kubelet builds it from the downward API, and its command as parsed by
+    ``jobs.sweep``'s CLI after the kubelet's ``$(VAR)`` expansion."""
+    objs = render("sweep")
+    job, container = _job_container("sweep", SWEEP_JOB)
+    # Only these two fields: a sweep id or an index taken from any other would fail here.
+    downward = {JOB_NAME_LABEL: job_name or job["metadata"]["name"], INDEX_ANNOTATION: str(index)}
+    secret_data = readme_secrets("admin", "postgresql://db")
+    env = container_env(objs, container, secret_data, None, downward, _AnyValue())
+    env.setdefault(INDEX_ENV, str(index))  # the controller appends it unless the pod sets it
+    argv = [_kubelet_expand(a, env) for a in [*container["command"], *container.get("args", [])]]
+    assert argv[:3] == ["python", "-m", "jobs.sweep"], argv
+    return env, _pod_params(objs, container, jobs.sweep.main, argv[3:], env)
+
+
+def _sweep_spec(tmp_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The spec the sweep pods read (the ConfigMap mounted where ``--spec`` points), and the
+    trials ``jobs.sweep`` expands it to."""
+    objs = render("sweep")
+    job, container = _job_container("sweep", SWEEP_JOB)
+    spec_path = _sweep_pod(0)[1]["spec"]
+    volume, mount_path, sub_path, _ = _mount(container, spec_path)
+    (source,) = [v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == volume]
+    key = sub_path or os.path.relpath(spec_path, mount_path)
+    paths = {i["path"]: i["key"] for i in source["configMap"].get("items", [])}
+    config_map = find(objs, "ConfigMap", source["configMap"]["name"])
+    text = config_map["data"][paths.get(key, key)]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    spec = jobs.sweep.read_spec(path)
+    return spec, jobs.sweep.expand(spec)
+
+
+def test_the_sweep_job_runs_every_trial_of_its_spec_once(tmp_path: Path) -> None:
+    """One index per trial of the very spec in the ConfigMap, as ``jobs.sweep`` counts them:
+    fewer would leave trials unrun, more would fail the extra pods (no such trial)."""
+    job, _ = _job_container("sweep", SWEEP_JOB)
+    spec = job["spec"]
+    _, trials = _sweep_spec(tmp_path)
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == len(trials), (
+        f"completions {spec['completions']} != the {len(trials)} trials of the sweep's spec"
+    )
+    assert 1 <= spec["parallelism"] <= spec["completions"]
+
+
+def test_each_sweep_pod_runs_its_own_trial_of_one_shared_sweep() -> None:
+    """Pod i passes --trial i, and every pod the same --sweep-id, the Job's name from its
+    pod label (so that the pods find one parent run), whatever the Job is called; each trial
+    checkpoints to a directory of its own on the shared volume (a retried trial resumes its
+    own), and works in a writable directory."""
+    job, container = _job_container("sweep", SWEEP_JOB)
+    name, completions = job["metadata"]["name"], job["spec"]["completions"]
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    checkpoints = set()
+    for index in range(completions):
+        env, params = _sweep_pod(index)
+        assert params["trial"] == index, (index, params["trial"])
+        assert params["sweep_id"] == name, params["sweep_id"]
+        checkpoint_dir = env["RNNLM_CHECKPOINT_DIR"]
+        volume, _, _, read_only = _mount(container, checkpoint_dir)
+        claim = volumes[volume]["persistentVolumeClaim"]["claimName"]  # seen from every node
+        pvc = find(render("sweep"), "PersistentVolumeClaim", claim)
+        assert "ReadWriteMany" in pvc["spec"]["accessModes"] and not read_only, checkpoint_dir
+        checkpoints.add(checkpoint_dir)
+        assert not _mount(container, params["work_dir"])[3], params["work_dir"]
+    assert len(checkpoints) == completions, f"trials share checkpoint directories: {checkpoints}"
+    renamed_env, renamed = _sweep_pod(0, job_name="another-sweep")
+    assert renamed["sweep_id"] == "another-sweep", "the sweep id is not the Job's name label"
+    assert renamed_env["RNNLM_CHECKPOINT_DIR"] not in checkpoints, "sweeps share checkpoints"
+
+
+def test_sweep_trials_train_like_the_jobs_and_promote_like_the_evaluate_job(
+    tmp_path: Path,
+) -> None:
+    """Each trial's training job (``jobs.train --config`` with the trial's settings, in the
+    pod's environment, as ``jobs.sweep`` starts it) gets every setting of the spec (none lost
+    to a variable of the pod, which would win over the file), reads the training jobs' corpus
+    into the pod's cache, checkpoints where the pod says, and registers into the model the
+    evaluate Job promotes in, under an alias of its own (@candidate stays the training jobs');
+    the sweep promotes to the evaluate Job's alias."""
+    spec, trials = _sweep_spec(tmp_path)
+    _, container = _job_container("sweep", SWEEP_JOB)
+    trained = _trainer_config(training_launch("train-job"))
+    evaluate = _evaluate_params()
+    assert spec.get("promote") in (None, evaluate["promote"]), spec.get("promote")
+    model_name = evaluate["model_uri"].removeprefix("models:/").partition("@")[0]
+    base = spec.get("base") or {}
+    for index, trial in enumerate(trials):
+        env, _ = _sweep_pod(index)
+        values = {**base, **trial}
+        config_from_values(values, "--spec")  # as jobs.sweep checks it
+        settings = tmp_path / f"trial-{index}.json"
+        settings.write_text(json.dumps(values))
+        params = _pod_params((), container, _cli("jobs.train"), ["--config", str(settings)], env)
+        lost = {
+            k: (v, params[k])
+            for k, v in values.items()
+            if params[k] != (tuple(v) if isinstance(v, list) else v)
+        }
+        assert not lost, f"trial {index}: the pod's environment overrides the spec: {lost}"
+        config = config_from_flags(params)
+        assert config.data.corpus == trained.data.corpus, f"trial {index}: another corpus"
+        assert config.data.cache_dir and not _mount(container, config.data.cache_dir)[3]
+        assert config.checkpoint.checkpoint_dir == env["RNNLM_CHECKPOINT_DIR"]
+        assert config.tracking.registered_model_name == model_name, f"trial {index}"
+        assert config.tracking.alias != trained.tracking.alias, f"trial {index} takes @candidate"
+
+
 def test_tracking_server_command_parses() -> None:
     from mlflow import cli as mlflow_cli  # here: it takes seconds to import
 
@@ -446,10 +635,24 @@ def test_tracking_server_command_parses() -> None:
 # --- failure handling --------------------------------------------------------------------------
 
 
-def first_rule(rules: list[dict[str, Any]], container: str, exit_code: int) -> str:
-    """The action of the first podFailurePolicy rule that matches a container's exit code, as
-    the Job controller picks it; "Count" (the default) when none does."""
+DISRUPTED = {("DisruptionTarget", "True")}  # the condition of a preempted or evicted pod
+
+
+def first_rule(
+    rules: list[dict[str, Any]],
+    container: str,
+    exit_code: int,
+    conditions: Collection[tuple[str, str]] = (),
+) -> str:
+    """The action of the first podFailurePolicy rule that matches a container's exit code (or
+    one of the pod's ``conditions``, as (type, status)), as the Job controller picks it;
+    "Count" (the default) when none does."""
     for rule in rules:
+        if any(
+            (c["type"], c.get("status", "True")) in conditions
+            for c in rule.get("onPodConditions", [])
+        ):
+            return rule["action"]
         codes = rule.get("onExitCodes")
         if not codes or codes.get("containerName", container) != container:
             continue
@@ -468,11 +671,19 @@ def test_every_launcher_maps_the_exit_code_contract(overlay: str) -> None:
             assert EXIT_TRANSIENT >= 128 and EXIT_PREEMPTED >= 128 and EXIT_USER_ERROR < 128
         for spec in job_specs(obj):
             rules, pod = spec["podFailurePolicy"]["rules"], spec["template"]["spec"]
+            # An Indexed Job that retries each index on its own (a sweep: one trial per index)
+            # fails the index on a mistake, and the other indexes go on.
+            per_index = "backoffLimitPerIndex" in spec
+            mistake = "FailIndex" if per_index else "FailJob"
+            retries = spec["backoffLimitPerIndex"] if per_index else spec["backoffLimit"]
             for container in (c["name"] for c in pod["containers"]):
-                assert first_rule(rules, container, EXIT_USER_ERROR) == "FailJob", overlay
+                assert first_rule(rules, container, EXIT_USER_ERROR) == mistake, overlay
                 assert first_rule(rules, container, EXIT_TRANSIENT) == "Count", overlay
                 assert first_rule(rules, container, EXIT_PREEMPTED) == "Count", overlay
-                assert spec["backoffLimit"] >= 3, overlay
+                # ... unless the pod was preempted or evicted: then it is not counted.
+                preempted = first_rule(rules, container, EXIT_PREEMPTED, DISRUPTED)
+                assert preempted == "Ignore", f"k8s/{overlay}: a preempted {container} counts"
+                assert retries >= 3, overlay
             for init in (c["name"] for c in pod.get("initContainers", [])):
                 # The prepare step never exits 2 (left to the trainer); an outage is retried.
                 assert first_rule(rules, init, EXIT_TRANSIENT) == "Count", overlay
@@ -495,18 +706,30 @@ def test_jobs_fail_at_once_on_bad_input_and_retry_disruptions(overlay: str) -> N
             assert pod["restartPolicy"] == "Never", what
             rules = spec["podFailurePolicy"]["rules"]
             coded = [r for r in rules if "onExitCodes" in r]
-            assert any(r["action"] == "FailJob" for r in coded), f"{what}: no FailJob rule"
+            failing = {r["action"] for r in coded} & {"FailJob", "FailIndex"}
+            assert failing, f"{what}: no FailJob (or FailIndex) rule"
+            if "FailIndex" in failing:  # the API refuses it otherwise
+                assert spec.get("completionMode") == "Indexed", what
+                assert spec.get("backoffLimitPerIndex"), what
             for rule in coded:
                 codes = rule["onExitCodes"]
                 assert codes["operator"] == "In", what
+                # The API refuses the list otherwise (and 0 with In).
+                values = codes["values"]
+                assert values == sorted(set(values)) and 0 not in values, f"{what}: {values}"
                 assert codes["containerName"] in {c["name"] for c in pod["containers"]}, what
             assert any(
                 r["action"] == "Ignore"
                 and {"type": "DisruptionTarget", "status": "True"} in r.get("onPodConditions", [])
                 for r in rules
             ), f"{what}: disruptions should not count against backoffLimit"
-            for key in ("backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"):
+            for key in ("activeDeadlineSeconds", "ttlSecondsAfterFinished"):
                 assert spec.get(key), f"{what}: set {key}"
+            if "backoffLimitPerIndex" in spec:
+                # A job-wide limit would let a few failed indexes end the ones still to run.
+                assert "backoffLimit" not in spec, f"{what}: backoffLimit beside per index"
+            else:
+                assert spec.get("backoffLimit"), f"{what}: set backoffLimit"
 
 
 def test_pytorchjob_container_and_restart_policy() -> None:
@@ -676,7 +899,7 @@ def test_mlflow_takes_the_projects_workloads_and_postgres_only_mlflow() -> None:
     policies = _policies(tracking)
     servers = _pods(tracking)
     mlflow, db = servers["Deployment/rnnlm-mlflow"], servers["StatefulSet/rnnlm-mlflow-db"]
-    for overlay in [*TRAINING_AND_GPU, "sample"]:  # every client of MLflow
+    for overlay in [*TRAINING_AND_GPU, *MLFLOW_CLIENT_OVERLAYS]:  # every client of MLflow
         ((pod, labels),) = _pods(render(overlay)).items()
         assert _admits(policies, mlflow, labels, 5000), f"k8s/{overlay}: {pod} cannot reach MLflow"
         assert not _admits(policies, db, labels, 5432), f"k8s/{overlay}: {pod} reaches PostgreSQL"
@@ -685,7 +908,7 @@ def test_mlflow_takes_the_projects_workloads_and_postgres_only_mlflow() -> None:
     assert not _admits(policies, db, {}, 5432)
 
 
-@pytest.mark.parametrize("overlay", [*TRAINING_OVERLAYS, "sample"])
+@pytest.mark.parametrize("overlay", [*TRAINING_OVERLAYS, *MLFLOW_CLIENT_OVERLAYS])
 def test_mlflow_settings_come_from_the_environment(overlay: str) -> None:
     objs = render(overlay)
     env_map = find(objs, "ConfigMap", "rnnlm-env")["data"]

@@ -47,7 +47,25 @@ def rows_of_rank(rank: int, world_size: int, batch_size: int) -> slice:
     return slice(rank * per_rank, (rank + 1) * per_rank)
 
 
-class SequentialBatches(Sequence[Minibatch]):
+class _Batches(Sequence[Minibatch]):
+    """An epoch's minibatches for one rank, each made when asked for by :meth:`batch`."""
+
+    def batch(self, i: int) -> Minibatch:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> Minibatch: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Minibatch]: ...
+    def __getitem__(self, i: int | slice) -> Minibatch | Sequence[Minibatch]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.batch(i)
+
+
+class SequentialBatches(_Batches):
     """One epoch of sequential minibatches for ``rank`` (d2l ``seq_data_iter_sequential``),
     made on demand as views of the corpus (no copy, nothing per minibatch kept).
 
@@ -70,20 +88,12 @@ class SequentialBatches(Sequence[Minibatch]):
     def __len__(self) -> int:
         return self.xs.shape[1] // self.num_steps
 
-    @overload
-    def __getitem__(self, i: int) -> Minibatch: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[Minibatch]: ...
-    def __getitem__(self, i: int | slice) -> Minibatch | Sequence[Minibatch]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def batch(self, i: int) -> Minibatch:
         columns = slice(i * self.num_steps, (i + 1) * self.num_steps)
         return self.xs[:, columns], self.ys[:, columns]
 
 
-class RandomBatches(Sequence[Minibatch]):
+class RandomBatches(_Batches):
     """One epoch of randomly sampled minibatches for ``rank`` (d2l ``seq_data_iter_random``),
     made on demand. The shuffled window starts are the one thing that grows with the corpus:
     four bytes per window (``num_steps`` tokens), shuffled exactly as d2l's list would be."""
@@ -102,15 +112,7 @@ class RandomBatches(Sequence[Minibatch]):
     def __len__(self) -> int:
         return len(self.starts) // self.batch_size
 
-    @overload
-    def __getitem__(self, i: int) -> Minibatch: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[Minibatch]: ...
-    def __getitem__(self, i: int | slice) -> Minibatch | Sequence[Minibatch]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def batch(self, i: int) -> Minibatch:
         batch = self.starts[i * self.batch_size : (i + 1) * self.batch_size]
         mine = torch.tensor(batch[self.rows], dtype=torch.long)
         window = mine[:, None] + torch.arange(self.num_steps)  # (B/W, T) corpus positions
